@@ -1,0 +1,55 @@
+"""Losses of next-token logits [B, T, V] against target ids [B, T]; positions whose target is
+`ignore_index` (padding) never count."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+Loss = Callable[..., Tensor]
+
+
+def _reduce(per_position: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    per_position = per_position * valid
+    if reduction == "none":
+        return per_position
+    total = per_position.sum()
+    return total if reduction == "sum" else total / valid.sum().clamp(min=1)
+
+
+def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0):
+    """Token-level cross-entropy in nats, as F.cross_entropy over the flattened positions."""
+    losses = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
+                             reduction="none", label_smoothing=label_smoothing).view_as(targets)
+    return _reduce(losses, targets != ignore_index, reduction)
+
+
+def _target_prob(logits, targets, ignore_index):
+    probs = logits.float().softmax(-1)
+    p_target = probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return probs, p_target, targets != ignore_index
+
+
+def mse(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0):
+    """Brier score: sum over the vocabulary of (softmax(logits) - one_hot(target))^2, per position.
+
+    Computed as sum(p^2) - 2 p_target + 1, which never builds the [B, T, V] one-hot."""
+    probs, p_target, valid = _target_prob(logits, targets, ignore_index)
+    return _reduce(probs.square().sum(-1) - 2 * p_target + 1, valid, reduction)
+
+
+def mae(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0):
+    """L1 distance between softmax(logits) and one_hot(target), summed over the vocabulary: 2 (1 - p_target)."""
+    _, p_target, valid = _target_prob(logits, targets, ignore_index)
+    return _reduce(2 * (1 - p_target), valid, reduction)
+
+
+LOSSES: dict[str, Loss] = {"cross_entropy": cross_entropy, "mse": mse, "mae": mae}
+
+
+def perplexity(mean_cross_entropy: Tensor | float) -> Tensor:
+    return torch.exp(torch.as_tensor(mean_cross_entropy))

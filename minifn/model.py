@@ -1,0 +1,188 @@
+"""The decoder as a pure function of a parameter tree.
+
+`init_params(config, seed)` returns a flat dict {name: tensor} (an optree pytree whose names are also
+safetensors keys); `apply(params, tokens, config)` binds it into a parameter-free module skeleton,
+built once per config on the meta device, with `torch.func.functional_call`. No module owns weights:
+any tree with the same names and shapes can be passed in, which is what swapping and vmap rely on.
+
+Architecture: token embedding -> N x [RMSNorm -> causal attention with rotary positions -> residual,
+RMSNorm -> SwiGLU -> residual] -> RMSNorm -> head (optionally tied to the embedding).
+Shapes: B batch, T time, D embed_dim, H heads, K head_dim, F ff_dim, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from minifn.config import ModelConfig
+
+Params = dict[str, Tensor]
+# Per layer (keys, values), each [B, H, T_max, K]; preallocated and threaded through, never hidden.
+KVCache = list[tuple[Tensor, Tensor]]
+
+
+def rotary_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles, [T, K], for the 'rotate half' layout."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, K/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [T, K]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x_BHTK: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x_BHTK.chunk(2, dim=-1)
+    return (x_BHTK * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x_BHTK.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.num_heads = c.num_heads
+        self.qkv = nn.Linear(c.embed_dim, 3 * c.num_heads * c.head_dim, bias=c.bias)
+        self.out = nn.Linear(c.num_heads * c.head_dim, c.embed_dim, bias=c.bias)
+
+    def forward(self, x_BTD, cos, sin, kv=None, positions=None):
+        q, k, v = rearrange(self.qkv(x_BTD), "b t (three h k) -> three b h t k", three=3, h=self.num_heads)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # write this chunk into the cache (out of place) and attend to every position written so far
+            k = kv[0].index_copy(2, positions, k.to(kv[0].dtype))
+            v = kv[1].index_copy(2, positions, v.to(kv[1].dtype))
+            kv = (k, v)
+            mask_TS = torch.arange(k.shape[2], device=k.device)[None, :] <= positions[:, None]
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask_TS)
+        return self.out(rearrange(y, "b h t k -> b t (h k)")), kv
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(c.embed_dim, 2 * c.ff_dim, bias=c.bias)  # gate and value in one matmul
+        self.down = nn.Linear(c.ff_dim, c.embed_dim, bias=c.bias)
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        gate, value = self.up(x_BTD).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * value)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.embed_dim, c.eps)
+        self.attn = Attention(c)
+        self.ff_norm = RMSNorm(c.embed_dim, c.eps)
+        self.ff = SwiGLU(c)
+
+    def forward(self, x, cos, sin, kv=None, positions=None):
+        h, kv = self.attn(self.attn_norm(x), cos, sin, kv, positions)
+        x = x + h
+        return x + self.ff(self.ff_norm(x)), kv
+
+
+class Transformer(nn.Module):
+    """The computation only: built on the meta device, its parameters are always supplied by the caller."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config = c
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.embed_dim, c.eps)
+        self.head = None if c.tie_embeddings else nn.Linear(c.embed_dim, c.vocab_size, bias=False)
+
+    def forward(self, tokens_BT: Tensor, cache: KVCache | None = None, pos: Tensor | None = None):
+        c = self.config
+        positions = torch.arange(tokens_BT.shape[1], device=tokens_BT.device)
+        if pos is not None:
+            positions = positions + pos
+        cos, sin = rotary_angles(positions, c.head_dim, c.rope_theta)
+        x = self.embed(tokens_BT)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, cos, sin, None if cache is None else cache[i], positions)
+            new_cache.append(kv)
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+        return logits if cache is None else (logits, new_cache)
+
+
+_SKELETONS: dict[ModelConfig, Transformer] = {}
+
+
+def skeleton(config: ModelConfig) -> Transformer:
+    """The parameter-free module for a config (meta tensors only), built once and shared.
+
+    A plain dict rather than lru_cache: torch.compile reads a dict entry as a constant but would trace
+    into an lru_cache'd builder. Call it once outside compiled code (init_params does)."""
+    if config not in _SKELETONS:
+        with torch.device("meta"):
+            _SKELETONS[config] = Transformer(config).requires_grad_(False)
+    return _SKELETONS[config]
+
+
+def apply(params: Params, tokens_BT: Tensor, config: ModelConfig) -> Tensor:
+    """Logits [B, T, V] for token ids [B, T]; pure in params and tokens."""
+    return functional_call(skeleton(config), params, (tokens_BT,), strict=True)
+
+
+def apply_cached(params: Params, tokens_BT: Tensor, config: ModelConfig, cache: KVCache, pos: Tensor):
+    """Logits for tokens at positions pos.. and the cache with their keys and values written in."""
+    return functional_call(skeleton(config), params, (tokens_BT,), {"cache": cache, "pos": pos}, strict=True)
+
+
+def init_std(name: str, config: ModelConfig) -> float | None:
+    """GPT-2 practice: N(0, 0.02) weights, residual output projections scaled by 1/sqrt(2 * layers);
+    None means ones for norm gains and zeros for biases."""
+    if name.endswith("norm.weight") or name.endswith(".bias"):
+        return None
+    if name.endswith("attn.out.weight") or name.endswith("ff.down.weight"):
+        return 0.02 / math.sqrt(2 * config.num_layers)
+    return 0.02
+
+
+def init_params(config: ModelConfig, seed: int = 0, device=None, dtype=torch.float32) -> Params:
+    """A fresh parameter tree; the same seed gives the same tree on every device."""
+    generator = torch.Generator().manual_seed(seed)
+    params = {}
+    for name, meta in skeleton(config).named_parameters():
+        std = init_std(name, config)
+        if std is None:
+            value = torch.ones(meta.shape) if name.endswith("weight") else torch.zeros(meta.shape)
+        else:
+            value = torch.randn(meta.shape, generator=generator) * std
+        params[name] = value.to(device=device, dtype=dtype)
+    return params
+
+
+def num_params(config: ModelConfig) -> int:
+    """Closed form of the parameter count (checked against the tree in the tests)."""
+    d, hk, f, v = config.embed_dim, config.num_heads * config.head_dim, config.ff_dim, config.vocab_size
+    attn = d * 3 * hk + hk * d + (3 * hk + d) * config.bias
+    ff = d * 2 * f + f * d + (2 * f + d) * config.bias
+    per_layer = attn + ff + 2 * d
+    head = 0 if config.tie_embeddings else d * v
+    return v * d + config.num_layers * per_layer + d + head
+
+
+def init_cache(config: ModelConfig, batch_size: int, length: int, device=None, dtype=torch.float32) -> KVCache:
+    """Zeroed keys and values for every layer, [B, H, length, K] each."""
+    shape = (batch_size, config.num_heads, length, config.head_dim)
+    return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(config.num_layers)]

@@ -1,0 +1,95 @@
+"""The pure model: causality, equivalence with an nn.Module, swapping trees, counts, validation."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from torch.func import functional_call
+
+from minifn.config import ConfigError, ModelConfig
+from minifn.model import apply, init_params, num_params
+from minifn.reference import ReferenceTransformer
+
+
+def perturbed(params, scale=0.1):
+    """Init has norm gains of one and zero biases; perturb so every parameter matters in a comparison."""
+    return {k: v + scale * torch.randn_like(v) for k, v in params.items()}
+
+
+def test_causal_future_tokens_never_change_the_past(tiny):
+    params = perturbed(init_params(tiny, seed=1))
+    tokens = torch.randint(0, tiny.vocab_size, (2, tiny.max_seq_len))
+    logits = apply(params, tokens, tiny)
+    for t in (0, 5, tiny.max_seq_len - 2):
+        changed = tokens.clone()
+        changed[:, t + 1:] = torch.randint(0, tiny.vocab_size, changed[:, t + 1:].shape)
+        other = apply(params, changed, tiny)
+        torch.testing.assert_close(other[:, : t + 1], logits[:, : t + 1], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(other[:, t + 1:], logits[:, t + 1:])  # the future does see its own change
+
+
+@pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"tie_embeddings": False}, {"head_dim": 20},
+                                       {"num_heads": 1, "head_dim": 32, "num_layers": 3}])
+def test_matches_reference_module(overrides):
+    config = tiny_config(**overrides)
+    params = perturbed(init_params(config, seed=int(torch.randint(0, 2**31, ()))))
+    tokens = torch.randint(0, config.vocab_size, (3, config.max_seq_len))
+    ours = apply(params, tokens, config)
+    reference = functional_call(ReferenceTransformer(config), params, (tokens,), strict=True)
+    assert ours.shape == (3, config.max_seq_len, config.vocab_size)
+    assert ((ours - reference).norm() / reference.norm()).item() < 1e-5
+    module = ReferenceTransformer(config)
+    module.load_state_dict(params)  # same names: the tree is also a state_dict
+    torch.testing.assert_close(module(tokens), reference)
+
+
+@pytest.mark.slow
+def test_swapping_trees_through_compiled_apply_does_not_recompile(tiny):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(apply, fullgraph=True, dynamic=False)
+    tokens = torch.randint(0, tiny.vocab_size, (2, tiny.max_seq_len))
+    first, second = init_params(tiny, seed=1), init_params(tiny, seed=2)
+    a, b, a_again = (compiled(p, tokens, tiny) for p in (first, second, first))
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(a, a_again)
+    torch.testing.assert_close(a, apply(first, tokens, tiny), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"tie_embeddings": False},
+                                       {"num_layers": 5, "ff_dim": 7, "head_dim": 6}, {"vocab_size": 32000}])
+def test_parameter_count_matches_closed_form(overrides):
+    config = tiny_config(**overrides)
+    assert sum(p.numel() for p in init_params(config).values()) == num_params(config)
+
+
+def test_init_is_deterministic_per_seed(tiny):
+    a, b, c = init_params(tiny, 3), init_params(tiny, 3), init_params(tiny, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["embed.weight"], c["embed.weight"])
+    assert a["blocks.0.attn.out.weight"].std() < a["blocks.0.attn.qkv.weight"].std()  # residual scaling
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_heads", 0, "num_heads must be positive"),
+    ("embed_dim", -4, "embed_dim must be positive"),
+    ("head_dim", 7, "head_dim must be even for rotary embeddings"),
+    ("vocab_size", 2.5, "vocab_size must be a whole number"),
+    ("num_layers", "2", "num_layers must be a number"),
+    ("eps", float("nan"), "eps must be positive"),
+    ("ff_dim", float("inf"), "ff_dim must be"),
+    ("max_seq_len", 0, "max_seq_len must be positive"),
+])
+def test_config_rejects_each_bad_value(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**{field: value})
+
+
+def test_config_round_trips_and_names_differences():
+    config = tiny_config(bias=True)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert config.diff(tiny_config()) == ["bias: True != False"]
+    with pytest.raises(ConfigError, match="unknown ModelConfig fields: colour"):
+        ModelConfig.from_dict({**config.to_dict(), "colour": "red"})

@@ -1,0 +1,53 @@
+"""Schedules against torch.optim.lr_scheduler, value by value."""
+
+import pytest
+import torch
+
+from minifn import schedules
+
+BASE_LR = 0.05
+
+
+def torch_values(make_scheduler, steps=200):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=BASE_LR)
+    sched = make_scheduler(opt)
+    values = []
+    for _ in range(steps):
+        values.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def ours(schedule, steps=200):
+    lr = torch.tensor(BASE_LR, dtype=torch.float64)
+    return torch.stack([schedule(torch.tensor(s), lr) for s in range(steps)])
+
+
+@pytest.mark.parametrize("ours_fn,torch_fn", [
+    (lambda: schedules.step_decay(30, 0.5), lambda o: torch.optim.lr_scheduler.StepLR(o, 30, 0.5)),
+    (lambda: schedules.step_decay(7), lambda o: torch.optim.lr_scheduler.StepLR(o, 7)),
+    (lambda: schedules.cosine(200), lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 200)),
+    (lambda: schedules.cosine(50, 1e-3), lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 50, 1e-3)),
+    (lambda: schedules.linear(), lambda o: torch.optim.lr_scheduler.LinearLR(o)),
+    (lambda: schedules.linear(1.0, 0.1, 150), lambda o: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.1, 150)),
+    (lambda: schedules.constant(), lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0)),
+])
+def test_matches_torch_scheduler(ours_fn, torch_fn):
+    expected, got = torch_values(torch_fn), ours(ours_fn())
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_warmup_ramps_then_hands_over():
+    sched = schedules.warmup(schedules.cosine(100), warmup_steps=10)
+    values = ours(sched, 120)
+    torch.testing.assert_close(values[:10], BASE_LR * torch.arange(1, 11, dtype=torch.float64) / 10)
+    torch.testing.assert_close(values[10:110], ours(schedules.cosine(100), 100))
+    assert schedules.warmup(schedules.constant(), 0) is not None
+
+
+def test_make_by_name_and_rejects_unknown():
+    torch.testing.assert_close(ours(schedules.make("step", step_size=5, gamma=0.5), 20),
+                               ours(schedules.step_decay(5, 0.5), 20))
+    with pytest.raises(ValueError, match="choose one of: none, step, cosine, linear"):
+        schedules.make("exponential")

@@ -1,12 +1,394 @@
-"""The `minifn` command line: a Click group over the pure core. I/O, devices and errors live here."""
+"""The `minifn` command line: a Click group over the pure core. I/O, devices and errors live here.
+
+Every option can also come from a TOML file (`--config FILE`, keys as option names with underscores)
+or from the environment as MINIFN_<COMMAND>_<OPTION>, e.g. MINIFN_TRAIN_LR=3e-4.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import sys
+import traceback
+import warnings
+from pathlib import Path
 
 import click
 
+from minifn.config import CRITERIA, OPTIMIZERS, REDUCTIONS, SCHEDULERS, ModelConfig, TrainConfig
 
-@click.group()
+DEFAULT_DATASET = "data/lighthouse.txt"
+DEFAULT_CHECKPOINT = "checkpoints/mini.pt"
+
+
+class UserError(click.ClickException):
+    """A mistake the user can fix: printed as one 'Error: ...' line, exit status 1."""
+
+
+def _one_line_errors(fn):
+    """Turn the library's validation errors into one-line messages (--verbose adds the traceback)."""
+    from minifn.checkpoint import CheckpointError
+    from minifn.config import ConfigError
+    from minifn.tokenizer import TokenizerError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, TokenizerError, CheckpointError, ValueError, OSError, RuntimeError) as e:
+            if kwargs.get("verbose"):
+                traceback.print_exc()
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(message) from None
+
+    return wrapper
+
+
+def _load_config_file(ctx, param, value):
+    """--config FILE: a TOML table of option defaults (command-line flags still win)."""
+    if value is None:
+        return None
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(value, "rb") as f:
+            table = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise click.BadParameter(f"cannot read {value}: {e}") from None
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(k.replace("-", "_") for k in table) - known)
+    if unknown:
+        raise click.BadParameter(f"{value} has unknown keys: {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in table.items()}}
+    return value
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "float32":
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bfloat16 support; use --dtype float32")
+    return torch.bfloat16
+
+
+def _bundled(path: str) -> str:
+    """A default data path relative to the working directory, else to the source checkout."""
+    if Path(path).exists():
+        return path
+    candidate = Path(__file__).resolve().parents[1] / path
+    return str(candidate) if candidate.exists() else path
+
+
+@click.group(context_settings={"auto_envvar_prefix": "MINIFN", "help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="minifn")
 def cli():
     """minifn: pure-functional language-model training on torch.func and torch.compile."""
+
+
+# --------------------------------------------------------------------------------------- tokenize
+
+
+@cli.command()
+@click.option("--model", "--processor", "model", default="mistral", show_default=True,
+              help="SentencePiece model file, or 'mistral' for the bundled default.")
+@click.option("--input", "input_path", required=True, help="Text file to tokenize.")
+@click.option("--output", default=None, help="Write the ids here (.npy, or one id per line otherwise).")
+@click.option("--show", default=20, show_default=True, type=click.IntRange(min=0), help="How many tokens to show.")
+@_one_line_errors
+def tokenize(model, input_path, output, show):
+    """Tokenize a text file and report what the model sees."""
+    import numpy as np
+
+    from minifn.tokenizer import encode_file, load_tokenizer, read_text
+
+    tok = load_tokenizer(model)
+    encoded = encode_file(tok, input_path)
+    ids = encoded.ids
+    click.echo(f"Vocabulary size: {tok.vocab_size}")
+    click.echo(f"Tokens: {len(ids)} ({'cached, ' if encoded.cached else ''}{encoded.seconds:.2f} s)")
+    click.echo(f"First {min(show, len(ids))} ids: {ids[:show].tolist()}")
+    click.echo(f"First {min(show, len(ids))} pieces: {[tok.piece(i) for i in ids[:show]]}")
+    click.echo(f"Round trip: {'ok' if tok.decode(ids) == read_text(input_path) else 'differs'}")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        if output.endswith(".npy"):
+            np.save(output, ids)
+        else:
+            Path(output).write_text("\n".join(map(str, ids.tolist())) + "\n")
+        click.echo(f"Wrote {len(ids)} ids to {output}")
+
+
+@cli.group()
+def tokenizer():
+    """Tokenizer tools."""
+
+
+@tokenizer.command("train")
+@click.option("--input", "inputs", multiple=True, required=True, help="Text file(s) to learn from.")
+@click.option("--vocab-size", type=click.IntRange(min=8), required=True)
+@click.option("--model-type", type=click.Choice(["bpe", "unigram"]), default="bpe", show_default=True)
+@click.option("--output", required=True, help="Where to write the .model file.")
+@_one_line_errors
+def tokenizer_train(inputs, vocab_size, model_type, output):
+    """Train a SentencePiece model (byte fallback, so any text encodes)."""
+    from minifn.tokenizer import load_tokenizer, train_tokenizer
+
+    path = train_tokenizer(list(inputs), vocab_size, output, model_type)
+    click.echo(f"Wrote {path} ({load_tokenizer(path).vocab_size} pieces)")
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def _model_and_train_configs(o: dict, steps_per_epoch: int) -> tuple[ModelConfig, TrainConfig]:
+    """Build both configs from the options; scheduler lengths given in epochs become steps."""
+    model = ModelConfig(vocab_size=o["vocab_size"], embed_dim=o["embed_dim"], num_layers=o["num_layers"],
+                        num_heads=o["num_heads"], head_dim=o["head_dim"], ff_dim=o["ff_dim"],
+                        max_seq_len=o["max_seq_len"], bias=o["bias"], tie_embeddings=o["tie_embeddings"])
+    epochs = o["num_epochs"]
+    in_steps = {
+        "step_size": (o["step_size"] or max(1, epochs // 3)) * steps_per_epoch,
+        "t_max": (o["t_max"] or epochs) * steps_per_epoch,
+        "total_iters": (o["total_iters"] or epochs) * steps_per_epoch,
+    }
+    train = TrainConfig(
+        optimizer=o["optimizer"], lr=o["lr"], beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"],
+        weight_decay=o["weight_decay"], amsgrad=o["amsgrad"], momentum=o["momentum"], dampening=o["dampening"],
+        nesterov=o["nesterov"], scheduler=o["scheduler"], gamma=o["gamma"], eta_min=o["eta_min"],
+        start_factor=o["start_factor"], end_factor=o["end_factor"], warmup_steps=o["warmup_steps"],
+        criterion=o["criterion"], reduction=o["reduction"], label_smoothing=o["label_smoothing"],
+        clip_grad=o["clip_grad"], grad_accum_steps=o["grad_accum_steps"], **in_steps)
+    return model, train
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps; a second signal aborts at once
+    (the checkpoint on disk stays whole either way: saves are atomic)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def install(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self)
+        return self
+
+
+def _reporter(verbose: bool, criterion: str, total_steps: int):
+    """Prints progress: a tqdm bar on a terminal, else nothing per step; epoch lines always."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False) if sys.stderr.isatty() else None
+
+    def report(event):
+        if event["kind"] == "step":
+            if bar is not None:
+                bar.n = event["step"]
+                lr = f"{event['lr']:.2e}" if event["lr"] is not None else "-"
+                bar.set_postfix_str(f"loss {event['loss']:.4f} lr {lr} {event['tokens_per_s']:.0f} tok/s")
+            if verbose:
+                line = (f"[Epoch: {event['epoch']}] [Batch: {event['batch']}/{event['batches']}] "
+                        f"[Step: {event['step']}] [Loss: {event['loss']:.4f}]")
+                (bar.write if bar is not None else click.echo)(line)
+            return
+        line = f"[Epoch: {event['epoch']}/{event['epochs']}] [Avg Loss: {event['loss']:.4f}]"
+        if criterion == "cross_entropy":
+            line += f" [Perplexity: {math.exp(min(event['loss'], 700)):.6f}]"
+        if "val_loss" in event:
+            line += f" [Val Loss: {event['val_loss']:.4f}]"
+            if criterion == "cross_entropy":
+                line += f" [Val Perplexity: {math.exp(min(event['val_loss'], 700)):.6f}]"
+        (bar.write if bar is not None else click.echo)(line)
+
+    return report, bar
+
+
+@cli.command()
+@click.option("--config", callback=_load_config_file, is_eager=True, expose_value=False,
+              type=click.Path(dir_okay=False), help="TOML file of option defaults.")
+@click.option("--dataset", default=DEFAULT_DATASET, show_default=True, help="Plain-text training data.")
+@click.option("--processor", "--tokenizer", "processor", default="mistral", show_default=True,
+              help="SentencePiece model file, or 'mistral'.")
+@click.option("--model", "checkpoint_path", default=DEFAULT_CHECKPOINT, show_default=True,
+              help="Checkpoint to write (and to resume from if it exists).")
+@click.option("--fresh", is_flag=True, help="Start over even if the checkpoint exists.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default="cosine", show_default=True)
+@click.option("--criterion", type=click.Choice(CRITERIA), default="cross_entropy", show_default=True)
+@click.option("--reduction", type=click.Choice(REDUCTIONS), default="mean", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-stride", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--grad-accum-steps", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--shuffle/--no-shuffle", default=True, show_default=True, help="Reshuffle windows every epoch.")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.5, max_open=True), default=0.0, show_default=True,
+              help="Hold out this tail of the tokens and evaluate on it every epoch.")
+@click.option("--num-epochs", "--epochs", "num_epochs", type=click.IntRange(min=1), default=60, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Save every N epochs (0: only at the end).")
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--beta1", type=float, default=0.9, show_default=True)
+@click.option("--beta2", type=float, default=0.999, show_default=True)
+@click.option("--eps", type=float, default=1e-8, show_default=True, help="Optimizer epsilon.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--amsgrad", is_flag=True)
+@click.option("--momentum", type=float, default=0.0, show_default=True)
+@click.option("--dampening", type=float, default=0.0, show_default=True)
+@click.option("--nesterov", is_flag=True)
+@click.option("--clip-grad", type=float, default=1.0, show_default=True, help="Global-norm clip (0: off).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--step-size", type=click.IntRange(min=1), default=None, help="StepLR period in epochs [epochs/3].")
+@click.option("--gamma", type=float, default=0.1, show_default=True)
+@click.option("--t-max", type=click.IntRange(min=1), default=None, help="Cosine period in epochs [num-epochs].")
+@click.option("--eta-min", type=float, default=0.0, show_default=True)
+@click.option("--start-factor", type=float, default=1.0 / 3, show_default=True)
+@click.option("--end-factor", type=float, default=1.0, show_default=True)
+@click.option("--total-iters", type=click.IntRange(min=1), default=None, help="LinearLR length in epochs [num-epochs].")
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--num-layers", type=int, default=4, show_default=True)
+@click.option("--num-heads", type=int, default=8, show_default=True)
+@click.option("--head-dim", type=int, default=32, show_default=True)
+@click.option("--embed-dim", type=int, default=256, show_default=True)
+@click.option("--ff-dim", type=int, default=768, show_default=True)
+@click.option("--bias/--no-bias", default=False, show_default=True)
+@click.option("--tie-embeddings/--no-tie-embeddings", default=True, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="bfloat16 runs the forward pass under autocast; parameters stay float32.")
+@click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True)
+@click.option("--verbose", is_flag=True, help="Per-batch lines, and tracebacks with errors.")
+@_one_line_errors
+def train(**o):
+    """Train a transformer on a text file; rerun the same command to resume."""
+    import torch
+
+    from minifn import checkpoint as ckpt
+    from minifn.loop import DataSpec, Interrupted, TrainingDiverged, fit, load_state
+    from minifn.losses import LOSSES
+    from minifn.model import init_params, num_params
+    from minifn.optim import current_lr
+    from minifn.tokenizer import encode_file, load_tokenizer
+    from minifn.train import init_state, make_eval_step, make_train_step, optimizer_from_config
+
+    warnings.showwarning = lambda msg, *a, **k: click.echo(f"Warning: {msg}", err=True)
+    device = resolve_device(o["device"])
+    autocast_dtype = resolve_dtype(o["dtype"], device)
+    dataset = _bundled(o["dataset"])
+    tok = load_tokenizer(o["processor"])
+    encoded = encode_file(tok, dataset)
+    tokens = torch.from_numpy(encoded.ids.astype("int64"))
+    val_tokens = None
+    if o["val_fraction"] > 0:
+        cut = int(len(tokens) * (1 - o["val_fraction"]))
+        tokens, val_tokens = tokens[:cut], tokens[cut:]
+        if len(val_tokens) < 2 or len(tokens) < 2:
+            raise UserError(f"--val-fraction {o['val_fraction']} leaves too few tokens on one side "
+                            f"of the split ({len(tokens)} train, {len(val_tokens)} validation)")
+    if len(tokens) < 2:
+        raise UserError(f"dataset {dataset} has {len(tokens)} token(s); training needs at least 2")
+    if o["batch_stride"] > o["max_seq_len"]:
+        raise UserError(f"--batch-stride {o['batch_stride']} is larger than --max-seq-len {o['max_seq_len']}: "
+                        "tokens between windows would never be trained on")
+    spec = DataSpec(o["max_seq_len"], o["batch_stride"], o["batch_size"], o["grad_accum_steps"], o["shuffle"],
+                    o["seed"], tok.pad_id)
+    steps_per_epoch = spec.steps_per_epoch(len(tokens))
+    model_config, train_config = _model_and_train_configs({**o, "vocab_size": tok.vocab_size}, steps_per_epoch)
+    optimizer, schedule = optimizer_from_config(train_config)
+    meta = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
+            "tokenizer": {"name": tok.name, "sha256": tok.sha256},
+            "data": {"seq_len": spec.seq_len, "stride": spec.stride, "batch_size": spec.batch_size,
+                     "shuffle": spec.shuffle, "seed": spec.seed, "val_fraction": o["val_fraction"]}}
+
+    path = Path(o["checkpoint_path"])
+    state = init_state(init_params(model_config, o["seed"], device=device), optimizer)
+    progress = None
+    if path.exists() and not o["fresh"]:
+        tensors, saved = ckpt.load(path)
+        _check_resumable(path, saved, meta)
+        state, progress = load_state(tensors, saved, state)
+        click.echo(f"Resuming from {path}: epoch {progress.epoch + 1}, batch {progress.batch}, "
+                   f"step {int(state.step)}")
+    elif o["fresh"]:
+        path.with_suffix(".metrics.jsonl").unlink(missing_ok=True)
+    _check_writable(path)
+
+    loss_fn = LOSSES[train_config.criterion]
+    step = make_train_step(model_config, optimizer, loss_fn, reduction=train_config.reduction,
+                           autocast_dtype=autocast_dtype, compile=o["compile_mode"], device=device)
+    eval_step = (make_eval_step(model_config, loss_fn, autocast_dtype=autocast_dtype, compile=o["compile_mode"],
+                                device=device) if val_tokens is not None else None)
+    click.echo(f"Training {num_params(model_config) / 1e6:.2f}M parameters on {len(tokens)} tokens of {dataset} "
+               f"({steps_per_epoch} steps/epoch, {o['num_epochs']} epochs, device {device.type}, "
+               f"compile {o['compile_mode']})")
+    report, bar = _reporter(o["verbose"], train_config.criterion, steps_per_epoch * o["num_epochs"])
+    stop = _StopFlag().install()
+    try:
+        fit(state, step, tokens, spec, num_epochs=o["num_epochs"], device=device, checkpoint_path=path, meta=meta,
+            progress=progress, save_every=o["save_every"], val_tokens=val_tokens, eval_step=eval_step,
+            lr_of=lambda s: float(current_lr(s.opt_state, schedule)), report=report,
+            stop_requested=lambda: stop.signum)
+    except Interrupted as e:
+        if bar is not None:
+            bar.close()
+        click.echo(f"Interrupted: checkpoint saved to {e.path}; run the same command again to resume.", err=True)
+        sys.exit(128 + e.signum)
+    except TrainingDiverged as e:
+        raise UserError(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(f"Training complete! Checkpoint saved: {path}")
+
+
+def _check_resumable(path: Path, saved: dict, meta: dict):
+    """A checkpoint resumes only the run that wrote it: name every differing setting, never start fresh."""
+    from minifn.checkpoint import CheckpointError
+
+    problems = []
+    if saved.get("tokenizer", {}).get("sha256") != meta["tokenizer"]["sha256"]:
+        problems.append(f"tokenizer: {saved.get('tokenizer', {}).get('name')!r} != {meta['tokenizer']['name']!r}")
+    for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
+        try:
+            problems += cls.from_dict(saved[key]).diff(cls.from_dict(meta[key]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} has an unreadable {key} ({e})") from None
+    problems += [f"{k}: {saved.get('data', {}).get(k)!r} != {v!r}" for k, v in meta["data"].items()
+                 if saved.get("data", {}).get(k) != v]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} was trained with other settings ({'; '.join(problems)}); "
+                              "use the same flags to resume, another --model path, or --fresh to overwrite it")
+
+
+def _check_writable(path: Path):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write checkpoints to {path.parent} ({e.strerror})") from None
 
 
 def main():

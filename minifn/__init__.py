@@ -1,6 +1,15 @@
-"""minifn: language-model training as pure functions over parameter trees."""
+"""minifn: language-model training as pure functions over parameter trees.
 
+    params = init_params(config, seed)            # a flat {name: tensor} pytree
+    logits = apply(params, tokens, config)        # pure forward pass
+    state = init_state(params, optim.adamw(...))  # params, optimizer state, step: plain data
+    state, metrics = make_train_step(config, optimizer)(state, batch)
+"""
+
+from minifn import optim, schedules
 from minifn.config import ModelConfig, TrainConfig
 from minifn.model import apply, init_params, num_params
+from minifn.train import TrainState, eval_step, init_state, make_eval_step, make_train_step, train_step
 
-__all__ = ["ModelConfig", "TrainConfig", "apply", "init_params", "num_params"]
+__all__ = ["ModelConfig", "TrainConfig", "TrainState", "apply", "eval_step", "init_params", "init_state",
+           "make_eval_step", "make_train_step", "num_params", "optim", "schedules", "train_step"]

@@ -160,12 +160,13 @@ def _model_and_train_configs(o: dict, steps_per_epoch: int) -> tuple[ModelConfig
     model = ModelConfig(vocab_size=o["vocab_size"], embed_dim=o["embed_dim"], num_layers=o["num_layers"],
                         num_heads=o["num_heads"], head_dim=o["head_dim"], ff_dim=o["ff_dim"],
                         max_seq_len=o["max_seq_len"], bias=o["bias"], tie_embeddings=o["tie_embeddings"])
-    epochs = o["num_epochs"]
-    in_steps = {
-        "step_size": (o["step_size"] or max(1, epochs // 3)) * steps_per_epoch,
-        "t_max": (o["t_max"] or epochs) * steps_per_epoch,
-        "total_iters": (o["total_iters"] or epochs) * steps_per_epoch,
-    }
+    epochs, scheduler = o["num_epochs"], o["scheduler"]
+    lengths = {"step": ("step_size", o["step_size"] or max(1, epochs // 3)),  # only the active scheduler's
+               "cosine": ("t_max", o["t_max"] or epochs), "linear": ("total_iters", o["total_iters"] or epochs)}
+    in_steps = {}
+    if scheduler in lengths:
+        name, in_epochs = lengths[scheduler]
+        in_steps[name] = in_epochs * steps_per_epoch
     train = TrainConfig(
         optimizer=o["optimizer"], lr=o["lr"], beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"],
         weight_decay=o["weight_decay"], amsgrad=o["amsgrad"], momentum=o["momentum"], dampening=o["dampening"],

@@ -26,3 +26,18 @@ def shared_file(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     return path
+
+
+def pytest_configure(config):
+    import torch._dynamo
+
+    # Tests compile several small configs of the same step function; keep them all cached.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 512
+
+
+def unique_graphs() -> int:
+    """Graphs compiled so far in this process (read before and after; never reset, fixtures share caches)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]

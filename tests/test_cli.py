@@ -1,0 +1,154 @@
+"""The command line end to end on tiny models: output lines, checkpoints, flags, resume, errors."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import ROOT
+from minifn import checkpoint
+from minifn.cli import cli
+
+STORY = (ROOT / "data" / "lighthouse.txt").read_text()[:600]
+TINY = ["--num-layers", "1", "--num-heads", "2", "--head-dim", "8", "--embed-dim", "16", "--ff-dim", "32",
+        "--max-seq-len", "32", "--batch-stride", "16", "--batch-size", "2", "--compile", "off"]
+
+
+@pytest.fixture
+def story(tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_text(STORY)
+    return path
+
+
+def run(*args, ok=True, env=None):
+    result = CliRunner().invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def train(story, ckpt, *extra, ok=True, env=None):
+    return run("train", "--dataset", story, "--model", ckpt, *TINY, *extra, ok=ok, env=env)
+
+
+def test_train_end_to_end(story, tmp_path):
+    ckpt = tmp_path / "out" / "mini.pt"
+    result = train(story, ckpt, "--num-epochs", 3, "--val-fraction", 0.2)
+    lines = result.output.splitlines()
+    epochs = [line for line in lines if line.startswith("[Epoch:")]
+    assert len(epochs) == 3 and epochs[-1].startswith("[Epoch: 3/3] [Avg Loss: ")
+    assert "[Perplexity: " in epochs[-1] and "[Val Loss: " in epochs[-1]
+    assert lines[-1] == f"Training complete! Checkpoint saved: {ckpt}"
+    tensors, meta = checkpoint.load(ckpt)
+    assert meta["progress"]["epoch"] == 3 and int(tensors["step"]) > 0
+    assert meta["tokenizer"]["name"] == "mistral" and len(meta["tokenizer"]["sha256"]) == 64
+    events = [json.loads(line) for line in ckpt.with_suffix(".metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events if e["kind"] == "epoch"] == [1, 2, 3]
+    assert all("val_loss" in e for e in events if e["kind"] == "epoch")
+
+
+def test_rerun_resumes_and_mismatch_is_named(story, tmp_path):
+    ckpt = tmp_path / "mini.pt"
+    train(story, ckpt, "--num-epochs", 2, "--scheduler", "none")
+    resumed = train(story, ckpt, "--num-epochs", 3, "--scheduler", "none")
+    assert "Resuming from" in resumed.output and "[Epoch: 3/3]" in resumed.output
+    assert "[Epoch: 1/3]" not in resumed.output
+    bad = train(story, ckpt, "--num-epochs", 3, "--scheduler", "none", "--embed-dim", 24, ok=False)
+    assert bad.exit_code == 1 and "embed_dim: 16 != 24" in bad.output and "--fresh" in bad.output
+    assert checkpoint.load(ckpt)[1]["progress"]["epoch"] == 3  # the refused run left it alone
+    fresh = train(story, ckpt, "--num-epochs", 1, "--scheduler", "none", "--embed-dim", 24, "--fresh")
+    assert "Resuming" not in fresh.output and checkpoint.load(ckpt)[1]["model_config"]["embed_dim"] == 24
+
+
+FLAGS = [
+    (["--optimizer", "sgd", "--momentum", "0.5", "--dampening", "0.1"], "train_config",
+     {"optimizer": "sgd", "momentum": 0.5, "dampening": 0.1}),
+    (["--optimizer", "sgd", "--momentum", "0.9", "--nesterov"], "train_config", {"nesterov": True}),
+    (["--optimizer", "adam", "--amsgrad", "--eps", "1e-6", "--weight-decay", "0.01"], "train_config",
+     {"optimizer": "adam", "amsgrad": True, "eps": 1e-6, "weight_decay": 0.01}),
+    (["--lr", "0.02", "--beta1", "0.8", "--beta2", "0.95"], "train_config", {"lr": 0.02, "beta1": 0.8, "beta2": 0.95}),
+    (["--scheduler", "step", "--step-size", "2", "--gamma", "0.5"], "train_config",
+     {"scheduler": "step", "step_size": "2 epochs", "gamma": 0.5}),
+    (["--scheduler", "cosine", "--t-max", "3", "--eta-min", "1e-5"], "train_config",
+     {"t_max": "3 epochs", "eta_min": 1e-5}),
+    (["--scheduler", "linear", "--start-factor", "0.5", "--end-factor", "0.9", "--total-iters", "2"],
+     "train_config", {"start_factor": 0.5, "end_factor": 0.9, "total_iters": "2 epochs"}),
+    (["--criterion", "mse", "--reduction", "sum"], "train_config", {"criterion": "mse", "reduction": "sum"}),
+    (["--criterion", "mae"], "train_config", {"criterion": "mae"}),
+    (["--label-smoothing", "0.1", "--clip-grad", "0.5", "--warmup-steps", "3", "--grad-accum-steps", "2"],
+     "train_config", {"label_smoothing": 0.1, "clip_grad": 0.5, "warmup_steps": 3, "grad_accum_steps": 2}),
+    (["--num-layers", "2", "--num-heads", "4", "--head-dim", "6", "--embed-dim", "20", "--ff-dim", "12"],
+     "model_config", {"num_layers": 2, "num_heads": 4, "head_dim": 6, "embed_dim": 20, "ff_dim": 12}),
+    (["--bias", "--no-tie-embeddings", "--max-seq-len", "24"], "model_config",
+     {"bias": True, "tie_embeddings": False, "max_seq_len": 24}),
+    (["--batch-size", "3", "--batch-stride", "4", "--seed", "9", "--no-shuffle"], "data",
+     {"batch_size": 3, "stride": 4, "seed": 9, "shuffle": False}),
+]
+
+
+@pytest.mark.parametrize("flags,section,expected", FLAGS)
+def test_every_flag_reaches_its_setting(story, tmp_path, flags, section, expected):
+    ckpt = tmp_path / "mini.pt"
+    train(story, ckpt, "--num-epochs", 2, *flags)
+    meta = checkpoint.load(ckpt)[1]
+    steps_per_epoch = meta["progress"]["history"] and int(checkpoint.load(ckpt)[0]["step"]) // 2
+    for key, value in expected.items():
+        if isinstance(value, str) and value.endswith(" epochs"):
+            value = int(value.split()[0]) * steps_per_epoch
+        assert meta[section][key] == value, key
+
+
+def test_config_file_and_environment_feed_defaults(story, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('lr = 0.0123\nnum-epochs = 1\noptimizer = "adam"\n')
+    ckpt = tmp_path / "mini.pt"
+    train(story, ckpt, "--config", config, "--optimizer", "sgd", env={"MINIFN_TRAIN_WEIGHT_DECAY": "0.25"})
+    meta = checkpoint.load(ckpt)[1]
+    assert meta["train_config"]["lr"] == 0.0123 and meta["progress"]["epoch"] == 1
+    assert meta["train_config"]["optimizer"] == "sgd"  # the flag beats the file
+    assert meta["train_config"]["weight_decay"] == 0.25
+    config.write_text("learning_rate = 1\n")
+    bad = train(story, ckpt, "--config", config, ok=False)
+    assert bad.exit_code == 2 and "unknown keys: learning_rate" in bad.output
+
+
+def test_compiled_cli_run_and_epochs_alias(story, tmp_path):
+    ckpt = tmp_path / "mini.pt"
+    args = [a if a != "off" else "auto" for a in TINY]
+    result = run("train", "--dataset", story, "--model", ckpt, *args, "--epochs", 2)
+    assert "[Epoch: 2/2]" in result.output and "compile auto" in result.output
+
+
+def test_tokenize_reports_and_writes(story, tmp_path):
+    out = tmp_path / "ids.txt"
+    result = run("tokenize", "--processor", "mistral", "--input", story, "--output", out, "--show", 5)
+    assert "Vocabulary size: 32000" in result.output and "Round trip: ok" in result.output
+    count = int(result.output.split("Tokens: ")[1].split()[0])
+    assert len(out.read_text().split()) == count > 100
+
+
+@pytest.mark.parametrize("args,message", [
+    (["tokenize", "--input", "nope.txt"], "dataset nope.txt does not exist"),
+    (["tokenize", "--model", "{junk}", "--input", "{story}"], "is not a SentencePiece model"),
+])
+def test_tokenize_errors_are_one_line(story, tmp_path, args, message):
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"\x00garbage")
+    args = [a.format(junk=junk, story=story) for a in args]
+    result = run(*args, ok=False)
+    assert result.exit_code == 1 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_tokenizer_train_command(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((ROOT / "data" / "lighthouse.txt").read_text() * 3)
+    result = run("tokenizer", "train", "--input", corpus, "--vocab-size", 400, "--output", tmp_path / "tok.model")
+    assert "(400 pieces)" in result.output
+    assert (tmp_path / "tok.model").is_file() and not (tmp_path / "tok.vocab").exists()
+    trained = run("train", "--dataset", corpus, "--processor", tmp_path / "tok.model", "--model", tmp_path / "m.pt",
+                  *TINY, "--num-epochs", 1)
+    assert checkpoint.load(tmp_path / "m.pt")[1]["model_config"]["vocab_size"] == 400
+    assert "Training complete!" in trained.output

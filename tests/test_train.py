@@ -1,0 +1,125 @@
+"""The train step: against eager, against the nn.Module + torch.optim loop, one graph, exact resume."""
+
+import signal
+
+import optree
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config, unique_graphs
+from minifn import optim
+from minifn.data import batches
+from minifn.loop import DataSpec, Interrupted, fit, load_state
+from minifn.losses import IGNORE_INDEX
+from minifn.model import init_params
+from minifn.reference import ReferenceTransformer
+from minifn.train import init_state, make_train_step, train_step
+
+CONFIG = tiny_config()
+ADAMW = optim.adamw(lr=3e-3, weight_decay=0.1)
+
+
+def rel(a, b):
+    return max(((x - y).norm() / y.norm()).item() for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
+
+
+def random_tokens(n=400):
+    return torch.randint(0, CONFIG.vocab_size, (n,))
+
+
+@pytest.fixture(scope="session")
+def compiled_step():
+    """The one compiled step the tests share (tiny config, AdamW): about 20 s to build."""
+    return make_train_step(CONFIG, ADAMW, compile="on")
+
+
+@pytest.mark.slow
+def test_compiled_matches_eager_and_compiles_once_per_run(compiled_step):
+    eager_step = make_train_step(CONFIG, ADAMW, compile="off")
+    tokens = random_tokens()
+    params = init_params(CONFIG, seed=int(torch.randint(0, 1000, ())))
+    eager, compiled = init_state(params, ADAMW), init_state(params, ADAMW)
+    before = unique_graphs()
+    for i, batch in enumerate(batches(tokens, 16, 8, 4)):  # 49 windows: the last batch is topped up
+        eager, m_eager = eager_step(eager, batch)
+        compiled, m_compiled = compiled_step(compiled, batch)
+        if i == 4:
+            assert rel(compiled.params, eager.params) < 1e-5
+            torch.testing.assert_close(m_compiled["loss"], m_eager["loss"], rtol=1e-5, atol=0)
+    for lr in (1e-3, 5e-4):  # new learning rates and another epoch: still the same graph
+        compiled = compiled._replace(opt_state=optim.set_hyperparams(compiled.opt_state, lr=lr))
+        for batch in batches(tokens, 16, 8, 4, epoch=1, shuffle=True):
+            compiled, _ = compiled_step(compiled, batch)
+    assert unique_graphs() - before == 1
+    assert int(compiled.step) == 3 * 13
+
+
+def test_eager_matches_module_and_torch_adamw():
+    params = init_params(CONFIG, seed=int(torch.randint(0, 1000, ())))
+    module = ReferenceTransformer(CONFIG)
+    module.load_state_dict(params)
+    torch_opt = torch.optim.AdamW(module.parameters(), lr=3e-3, weight_decay=0.1)
+    state = init_state({k: v.clone() for k, v in params.items()}, ADAMW)
+    tokens = random_tokens(1000)
+    for i, (x, y) in enumerate(batches(tokens, 16, 8, 4, shuffle=True)):
+        if i == 20:
+            break
+        torch_opt.zero_grad()
+        F.cross_entropy(module(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX).backward()
+        torch_opt.step()
+        state, _ = train_step(state, (x, y), config=CONFIG, optimizer=ADAMW)
+    assert rel(state.params, dict(module.named_parameters())) < 1e-5
+    assert rel(state.params, params) > 1e-3  # training moved the parameters
+
+
+def test_accumulated_micro_batches_equal_one_big_batch():
+    sgd = optim.sgd(lr=0.1)
+    state = init_state(init_params(CONFIG, 0), sgd)
+    x, y = next(batches(random_tokens(), 16, 4, 8))
+    y[5:, 3:] = IGNORE_INDEX  # unequal valid counts per micro-batch
+    big, m_big = train_step(state, (x, y), config=CONFIG, optimizer=sgd)
+    acc, m_acc = train_step(state, (x.view(2, 4, 16), y.view(2, 4, 16)), config=CONFIG, optimizer=sgd)
+    assert rel(acc.params, big.params) < 1e-6
+    torch.testing.assert_close(m_acc["loss"], m_big["loss"])
+
+
+def test_clipping_and_bf16_autocast_run_and_learn():
+    tx = optim.chain(optim.clip_by_global_norm(0.5), optim.adam(lr=1e-2))
+    state = init_state(init_params(CONFIG, 0), tx)
+    batch = next(batches(random_tokens(), 16, 8, 4))
+    first = None
+    for _ in range(15):
+        state, m = train_step(state, batch, config=CONFIG, optimizer=tx, autocast_dtype=torch.bfloat16)
+        first = first if first is not None else float(m["loss"])
+    assert float(m["loss"]) < first - 0.5
+    assert all(v.dtype == torch.float32 for v in state.params.values())
+
+
+def _run(tmp_path, name, stop_after=None, progress=None, state=None):
+    spec = DataSpec(seq_len=16, stride=8, batch_size=3, grad_accum_steps=2, shuffle=True, seed=5)
+    tokens = torch.arange(300) % CONFIG.vocab_size
+    tx = optim.adamw(lr=1e-2, schedule=lambda s, lr: lr * 0.99 ** s.to(lr.dtype))
+    state = state or init_state(init_params(CONFIG, 0), tx)
+    step = make_train_step(CONFIG, tx, compile="off")
+    calls = iter(range(10**6))
+    stop = (lambda: signal.SIGINT if next(calls) == stop_after else None) if stop_after is not None else (lambda: None)
+    path = tmp_path / f"{name}.pt"
+    return fit(state, step, tokens, spec, num_epochs=3, device="cpu", checkpoint_path=path, meta={},
+               progress=progress, save_every=1, stop_requested=stop), path, tx
+
+
+@pytest.mark.parametrize("stop_after", [3, 7, 13])  # mid-epoch, mid-epoch after a save, near the end
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, stop_after):
+    from minifn import checkpoint
+
+    uninterrupted, _, tx = _run(tmp_path, "full")
+    with pytest.raises(Interrupted) as stopped:
+        _run(tmp_path, "cut", stop_after=stop_after)
+    template = init_state(init_params(CONFIG, 1), tx)
+    state, progress = load_state(*checkpoint.load(stopped.value.path), template)
+    assert 0 < int(state.step) < int(uninterrupted.step)
+    resumed, _, _ = _run(tmp_path, "cut", progress=progress, state=state)
+    assert int(resumed.step) == int(uninterrupted.step)
+    for a, b in zip(optree.tree_leaves(resumed), optree.tree_leaves(uninterrupted)):
+        assert torch.equal(a, b)

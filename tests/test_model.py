@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import tiny_config
 from torch.func import functional_call
 
+from conftest import tiny_config
 from minifn.config import ConfigError, ModelConfig
 from minifn.model import apply, init_params, num_params
 from minifn.reference import ReferenceTransformer

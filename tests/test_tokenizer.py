@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import sentencepiece as spm
-from conftest import shared_file
 
+from conftest import shared_file
 from minifn import tokenizer as tok
 
 

@@ -392,5 +392,120 @@ def _check_writable(path: Path):
         raise UserError(f"cannot write checkpoints to {path.parent} ({e.strerror})") from None
 
 
+# ------------------------------------------------------------------------- generate, eval, plot
+
+
+def _load_model(path: str, device):
+    """(params, model config, tokenizer, meta) from a training checkpoint; the tokenizer must be the one
+    the model was trained with (checked by sha256)."""
+    from minifn.checkpoint import CheckpointError, load
+    from minifn.model import skeleton
+    from minifn.tokenizer import load_tokenizer
+
+    tensors, meta = load(path)
+    try:
+        config = ModelConfig.from_dict(meta["model_config"])
+        tok_name, tok_sha = meta["tokenizer"]["name"], meta["tokenizer"]["sha256"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has no usable model config ({e})") from None
+    params = {k.removeprefix("params."): v.to(device) for k, v in tensors.items() if k.startswith("params.")}
+    expected = {name: tuple(p.shape) for name, p in skeleton(config).named_parameters()}
+    if {k: tuple(v.shape) for k, v in params.items()} != expected:
+        raise CheckpointError(f"checkpoint {path} holds parameters that do not fit its own model config")
+    tok = load_tokenizer(tok_name)
+    if tok.sha256 != tok_sha:
+        raise CheckpointError(f"tokenizer {tok_name} is not the one {path} was trained with (sha256 differs)")
+    return params, config, tok, meta
+
+
+@cli.command()
+@click.option("--model", "checkpoint_path", default=DEFAULT_CHECKPOINT, show_default=True, help="Checkpoint.")
+@click.option("--prompt", required=True, help="Text to continue; '-' reads it from stdin.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: no top-k filter.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--greedy", is_flag=True, help="Always take the most likely token (temperature 0).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="off",
+              show_default=True, help="Compile the decode step (pays off for long generations).")
+@click.option("--verbose", is_flag=True)
+@_one_line_errors
+def generate(checkpoint_path, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, greedy, seed,
+             device, compile_mode, verbose):
+    """Continue a prompt with a trained model, streaming text as it is produced."""
+    import torch
+
+    from minifn.generate import TextStream, make_decode_step
+    from minifn.generate import generate as generate_ids
+
+    device = resolve_device(device)
+    params, config, tok, _ = _load_model(checkpoint_path, device)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    prompt_ids = tok.encode(prompt)
+    stream = TextStream(tok.decode, prompt_ids)
+    click.echo(prompt, nl=False)
+    count, last = 0, None
+    for last in generate_ids(params, prompt_ids, config, max_new_tokens=max_tokens,
+                             decode=make_decode_step(config, compile_mode, device), eos_id=tok.eos_id,
+                             generator=torch.Generator(device).manual_seed(seed),
+                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty):
+        count += 1
+        if last != tok.eos_id:
+            click.echo(stream.push(last), nl=False)
+    click.echo()
+    if last != tok.eos_id and count < max_tokens:
+        click.echo(f"(stopped at the model's context length of {config.max_seq_len} tokens)", err=True)
+
+
+@cli.command("eval")
+@click.option("--model", "checkpoint_path", default=DEFAULT_CHECKPOINT, show_default=True, help="Checkpoint.")
+@click.option("--dataset", required=True, help="Plain-text file to evaluate on.")
+@click.option("--batch-stride", type=click.IntRange(min=1), default=None, help="Window stride [max-seq-len / 2].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--verbose", is_flag=True)
+@_one_line_errors
+def evaluate(checkpoint_path, dataset, batch_stride, batch_size, device, verbose):
+    """Cross-entropy, perplexity and bits per byte of a checkpoint on a text file."""
+    import torch
+
+    from minifn.loop import DataSpec
+    from minifn.loop import evaluate as evaluate_tokens
+    from minifn.tokenizer import encode_file, read_text
+    from minifn.train import make_eval_step
+
+    device = resolve_device(device)
+    params, config, tok, _ = _load_model(checkpoint_path, device)
+    tokens = torch.from_numpy(encode_file(tok, dataset).ids.astype("int64"))
+    if len(tokens) < 2:
+        raise UserError(f"dataset {dataset} has {len(tokens)} token(s); evaluation needs at least 2")
+    stride = batch_stride or max(1, config.max_seq_len // 2)
+    if stride > config.max_seq_len:
+        raise UserError(f"--batch-stride {stride} is larger than the model's context {config.max_seq_len}")
+    spec = DataSpec(config.max_seq_len, stride, batch_size, pad_id=tok.pad_id)
+    loss, count = evaluate_tokens(make_eval_step(config, compile="off"), params, tokens, spec, device)
+    num_bytes = len(read_text(dataset).encode("utf-8"))
+    click.echo(f"Cross-entropy: {loss:.4f} nats/token")
+    click.echo(f"Perplexity: {math.exp(min(loss, 700)):.4f}")
+    click.echo(f"Bits per byte: {loss * count / math.log(2) / num_bytes:.4f}")
+    click.echo(f"Tokens evaluated: {count}")
+
+
+@cli.command()
+@click.argument("metrics", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", default="loss.png", show_default=True, help="PNG to write.")
+@_one_line_errors
+def plot(metrics, output):
+    """Plot the loss curve of a run's METRICS.jsonl against steps (with epoch ends marked)."""
+    from minifn.plot import plot_metrics
+
+    click.echo(f"Wrote {plot_metrics(metrics, output)}")
+
+
 def main():
     cli()

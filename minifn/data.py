@@ -75,3 +75,19 @@ def batches(tokens, seq_len: int, stride: int, batch_size: int, *, epoch: int = 
             x = torch.cat([x, torch.full((fill, seq_len), pad_id, dtype=torch.long)])
             y = torch.cat([y, torch.full((fill, seq_len), ignore_index, dtype=torch.long)])
         yield x, y
+
+
+def eval_batches(tokens, seq_len: int, stride: int, batch_size: int, pad_id: int = 0,
+                 ignore_index: int = IGNORE_INDEX) -> Iterator[tuple[Tensor, Tensor]]:
+    """Windows in order where every target is scored exactly once: window k > 0 ignores its first
+    seq_len - stride targets, which window k - 1 already scored (with less context)."""
+    inputs, targets = window_tensors(tokens, seq_len, stride, pad_id, ignore_index)
+    targets = targets.clone()
+    targets[1:, : seq_len - stride] = ignore_index
+    for b in range(0, len(inputs), batch_size):
+        x, y = inputs[b : b + batch_size], targets[b : b + batch_size]
+        fill = batch_size - len(x)
+        if fill:
+            x = torch.cat([x, torch.full((fill, seq_len), pad_id, dtype=torch.long)])
+            y = torch.cat([y, torch.full((fill, seq_len), ignore_index, dtype=torch.long)])
+        yield x, y

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from minifn import checkpoint
-from minifn.data import batches, num_batches
+from minifn.data import batches, eval_batches, num_batches
 from minifn.losses import IGNORE_INDEX
 from minifn.train import TrainState
 
@@ -99,13 +99,13 @@ def _groups(tokens, spec: DataSpec, epoch: int, start: int):
             spec.grad_accum_steps - len(group))
 
 
-def evaluate(eval_step, params, tokens, spec: DataSpec, device) -> float:
-    """Mean loss per target token over every window of tokens (in order, each target once per window)."""
+def evaluate(eval_step, params, tokens, spec: DataSpec, device) -> tuple[float, int]:
+    """(mean loss per target token, targets scored) over tokens, each target scored exactly once."""
     loss_sum, count = 0.0, 0
-    for x, y in batches(tokens, spec.seq_len, spec.stride, spec.batch_size, pad_id=spec.pad_id):
+    for x, y in eval_batches(tokens, spec.seq_len, spec.stride, spec.batch_size, pad_id=spec.pad_id):
         out = eval_step(params, (x.to(device), y.to(device)))
         loss_sum, count = loss_sum + float(out["loss_sum"]), count + int(out["tokens"])
-    return loss_sum / max(count, 1)
+    return loss_sum / max(count, 1), count
 
 
 def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_epochs: int, device,
@@ -155,7 +155,7 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
             event = {"kind": "epoch", "epoch": progress.epoch + 1, "epochs": num_epochs, "step": int(state.step),
                      "loss": avg, "seconds": time.perf_counter() - epoch_start}
             if val_tokens is not None and eval_step is not None:
-                event["val_loss"] = evaluate(eval_step, state.params, val_tokens, spec, device)
+                event["val_loss"] = evaluate(eval_step, state.params, val_tokens, spec, device)[0]
             progress.history.append([progress.epoch + 1, avg])
             progress.epoch, progress.batch, progress.loss_sum, progress.tokens = progress.epoch + 1, 0, 0.0, 0
             if (save_every and progress.epoch % save_every == 0) or progress.epoch == num_epochs:

@@ -151,3 +151,80 @@ def test_tokenizer_train_command(tmp_path):
                   *TINY, "--num-epochs", 1)
     assert checkpoint.load(tmp_path / "m.pt")[1]["model_config"]["vocab_size"] == 400
     assert "Training complete!" in trained.output
+
+
+def test_save_every_verbose_and_bfloat16(story, tmp_path):
+    ckpt = tmp_path / "mini.pt"
+    result = train(story, ckpt, "--num-epochs", 3, "--save-every", 2, "--verbose", "--dtype", "bfloat16")
+    assert "[Batch: 1/" in result.output  # per-batch lines
+    events = [json.loads(line) for line in ckpt.with_suffix(".metrics.jsonl").read_text().splitlines()]
+    saved_at = [e["epoch"] for e in events if e["kind"] == "epoch" and "checkpoint" in e]
+    assert saved_at == [2, 3]  # every second epoch and at the end
+
+
+def test_unavailable_device_is_one_clear_line(story, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = train(story, tmp_path / "m.pt", "--device", "cuda", ok=False)
+    assert result.exit_code == 1 and "no CUDA GPU is available" in result.output
+
+
+def test_readme_library_example_runs():
+    import re
+
+    code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
+    code = code.replace('compile="auto"', 'compile="off"').replace("range(3)", "range(1)").replace("(5000,)", "(600,)")
+    exec(compile(code, "README.md", "exec"), {})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny checkpoint, trained once for the generate, eval and plot tests."""
+    root = tmp_path_factory.mktemp("trained")
+    story = root / "story.txt"
+    story.write_text(STORY)
+    train(story, root / "mini.pt", "--num-epochs", 2, "--val-fraction", 0.2)
+    return root / "mini.pt", story
+
+
+def test_generate_streams_a_continuation(trained):
+    ckpt, _ = trained
+    result = run("generate", "--model", ckpt, "--prompt", "The lighthouse", "--max-tokens", 8, "--seed", 1)
+    assert result.output.startswith("The lighthouse") and len(result.output) > len("The lighthouse")
+    again = run("generate", "--model", ckpt, "--prompt", "The lighthouse", "--max-tokens", 8, "--seed", 1)
+    assert again.output == result.output
+    piped = CliRunner().invoke(cli, ["generate", "--model", str(ckpt), "--prompt", "-", "--greedy",
+                                     "--max-tokens", 3], input="Pepper")
+    assert piped.exit_code == 0 and piped.output.startswith("Pepper")
+
+
+def test_generate_errors_are_one_line(trained, tmp_path):
+    ckpt, _ = trained
+    too_long = run("generate", "--model", ckpt, "--prompt", "owl " * 40, ok=False)
+    assert too_long.exit_code == 1 and "shorten the prompt" in too_long.output
+    missing = run("generate", "--model", tmp_path / "none.pt", "--prompt", "x", ok=False)
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    assert "Traceback" not in too_long.output + missing.output
+
+
+def test_eval_reports_each_target_once(trained):
+    from minifn.tokenizer import load_tokenizer
+
+    ckpt, story = trained
+    result = run("eval", "--model", ckpt, "--dataset", story, "--batch-stride", 5, "--batch-size", 3)
+    values = dict(line.split(": ") for line in result.output.strip().splitlines())
+    assert int(values["Tokens evaluated"]) == len(load_tokenizer().encode(story.read_text())) - 1
+    loss = float(values["Cross-entropy"].split()[0])
+    assert abs(float(values["Perplexity"]) - 2.718281828 ** loss) < 1e-3 * float(values["Perplexity"])
+
+
+def test_plot_writes_a_png_or_says_what_is_missing(trained, tmp_path, monkeypatch):
+    ckpt, _ = trained
+    out = tmp_path / "loss.png"
+    run("plot", ckpt.with_suffix(".metrics.jsonl"), "-o", out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    result = run("plot", ckpt.with_suffix(".metrics.jsonl"), "-o", out, ok=False)
+    assert result.exit_code == 1 and "pip install 'minifn[plot]'" in result.output

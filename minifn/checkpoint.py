@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -67,8 +69,11 @@ def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> Pat
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
+            raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); {kept}") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -78,6 +83,15 @@ def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> Pat
     return path
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> int:
+    """Delete temporary files that a killed save left beside path; returns how many."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)
+
+
 def load(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     """(tensors, meta) from a checkpoint, or a CheckpointError that says what is wrong with the file."""
     path = Path(path)
@@ -85,11 +99,16 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
         raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
                               else f"checkpoint {path} is not a file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the error below says more
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:120]
-        raise CheckpointError(f"checkpoint {path} was refused: it holds pickled objects that could run code "
-                              f"({first})") from None
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:
+            raise CheckpointError(f"checkpoint {path} was refused: it asks to run {refused.group(1)}, and loading "
+                                  "never executes code; only use checkpoints you trust") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a tensor file that loads without "
+                              "running code); delete it or start over with --fresh") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
                               "delete it or start over with --fresh") from None

@@ -36,7 +36,7 @@ def _one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, TokenizerError, CheckpointError, ValueError, OSError, RuntimeError) as e:
+        except (ConfigError, TokenizerError, CheckpointError, ValueError, OSError, RuntimeError, MemoryError) as e:
             if kwargs.get("verbose"):
                 traceback.print_exc()
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -94,7 +94,24 @@ def _bundled(path: str) -> str:
     return str(candidate) if candidate.exists() else path
 
 
-@click.group(context_settings={"auto_envvar_prefix": "MINIFN", "help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Usage mistakes print as one 'Error: ...' line (exit 2), without Click's usage block."""
+
+    def main(self, *args, standalone_mode=True, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=OneLineErrors,
+             context_settings={"auto_envvar_prefix": "MINIFN", "help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="minifn")
 def cli():
     """minifn: pure-functional language-model training on torch.func and torch.compile."""
@@ -323,14 +340,21 @@ def train(**o):
                      "shuffle": spec.shuffle, "seed": spec.seed, "val_fraction": o["val_fraction"]}}
 
     path = Path(o["checkpoint_path"])
+    ckpt.remove_stale_temporaries(path)
     state = init_state(init_params(model_config, o["seed"], device=device), optimizer)
     progress = None
     if path.exists() and not o["fresh"]:
         tensors, saved = ckpt.load(path)
-        _check_resumable(path, saved, meta)
-        state, progress = load_state(tensors, saved, state)
+        changed = _check_resumable(path, saved, meta)
+        try:
+            state, progress = load_state(tensors, saved, state)
+        except ckpt.CheckpointError as e:
+            raise UserError(f"{e}: the optimizer's state has another shape (was --optimizer, --amsgrad, --momentum "
+                            "or --clip-grad changed?); resume with the original flags or use --fresh") from None
         click.echo(f"Resuming from {path}: epoch {progress.epoch + 1}, batch {progress.batch}, "
                    f"step {int(state.step)}")
+        if changed:
+            click.echo(f"Note: resuming with changed settings ({'; '.join(changed)})")
     elif o["fresh"]:
         path.with_suffix(".metrics.jsonl").unlink(missing_ok=True)
     _check_writable(path)
@@ -363,23 +387,27 @@ def train(**o):
     click.echo(f"Training complete! Checkpoint saved: {path}")
 
 
-def _check_resumable(path: Path, saved: dict, meta: dict):
-    """A checkpoint resumes only the run that wrote it: name every differing setting, never start fresh."""
+def _check_resumable(path: Path, saved: dict, meta: dict) -> list[str]:
+    """A checkpoint only resumes the same model with the same tokenizer: any difference is an error that
+    names the fields (never a silent fresh start). Changed training or data settings are allowed (a new
+    learning rate or more epochs is a normal thing to resume with) and returned, to be reported."""
     from minifn.checkpoint import CheckpointError
 
-    problems = []
+    def differences(key, cls=None):
+        try:
+            if cls is not None:
+                return cls.from_dict(saved[key]).diff(cls.from_dict(meta[key]))
+            return [f"{k}: {saved[key].get(k)!r} != {v!r}" for k, v in meta[key].items() if saved[key].get(k) != v]
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} has an unreadable {key} ({e})") from None
+
+    problems = differences("model_config", ModelConfig)
     if saved.get("tokenizer", {}).get("sha256") != meta["tokenizer"]["sha256"]:
         problems.append(f"tokenizer: {saved.get('tokenizer', {}).get('name')!r} != {meta['tokenizer']['name']!r}")
-    for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
-        try:
-            problems += cls.from_dict(saved[key]).diff(cls.from_dict(meta[key]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path} has an unreadable {key} ({e})") from None
-    problems += [f"{k}: {saved.get('data', {}).get(k)!r} != {v!r}" for k, v in meta["data"].items()
-                 if saved.get("data", {}).get(k) != v]
     if problems:
-        raise CheckpointError(f"checkpoint {path} was trained with other settings ({'; '.join(problems)}); "
-                              "use the same flags to resume, another --model path, or --fresh to overwrite it")
+        raise CheckpointError(f"checkpoint {path} holds another model ({'; '.join(problems)}); use the same "
+                              "flags to resume, another --model path, or --fresh to overwrite it")
+    return differences("train_config", TrainConfig) + differences("data")
 
 
 def _check_writable(path: Path):

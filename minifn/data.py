@@ -36,6 +36,8 @@ def windows(tokens: Sequence, seq_len: int, stride: int) -> Iterator[int]:
 
 
 def num_batches(num_tokens: int, seq_len: int, stride: int, batch_size: int, drop_last: bool = False) -> int:
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
     n = num_windows(num_tokens, seq_len, stride)
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 

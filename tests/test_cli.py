@@ -57,6 +57,10 @@ def test_rerun_resumes_and_mismatch_is_named(story, tmp_path):
     bad = train(story, ckpt, "--num-epochs", 3, "--scheduler", "none", "--embed-dim", 24, ok=False)
     assert bad.exit_code == 1 and "embed_dim: 16 != 24" in bad.output and "--fresh" in bad.output
     assert checkpoint.load(ckpt)[1]["progress"]["epoch"] == 3  # the refused run left it alone
+    more = train(story, ckpt, "--num-epochs", 4, "--scheduler", "none", "--lr", 0.01)
+    assert "Note: resuming with changed settings (lr: 0.003 != 0.01)" in more.output and "[Epoch: 4/4]" in more.output
+    other_optimizer = train(story, ckpt, "--num-epochs", 5, "--scheduler", "none", "--optimizer", "sgd", ok=False)
+    assert other_optimizer.exit_code == 1 and "optimizer's state has another shape" in other_optimizer.output
     fresh = train(story, ckpt, "--num-epochs", 1, "--scheduler", "none", "--embed-dim", 24, "--fresh")
     assert "Resuming" not in fresh.output and checkpoint.load(ckpt)[1]["model_config"]["embed_dim"] == 24
 

@@ -1,0 +1,265 @@
+"""Bad input gets one clear line; NaN, signals, kill -9 and a full disk never cost a good checkpoint."""
+
+import errno
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT
+from minifn import checkpoint
+from minifn.cli import cli
+from minifn.data import batches
+
+TINY = ["--num-layers", "1", "--num-heads", "2", "--head-dim", "8", "--embed-dim", "16", "--ff-dim", "32",
+        "--max-seq-len", "32", "--batch-stride", "16", "--batch-size", "2", "--compile", "off"]
+STORY = (ROOT / "data" / "lighthouse.txt").read_text()[:600]
+
+
+def invoke(*args, **kwargs):
+    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Every kind of bad file, plus a good story and a good checkpoint trained on it."""
+    f = {"story": tmp_path / "story.txt", "empty": tmp_path / "empty.txt", "binary": tmp_path / "bin.dat",
+         "latin1": tmp_path / "latin1.txt", "one_token": tmp_path / "one.txt", "junk_model": tmp_path / "junk.model",
+         "ckpt": tmp_path / "good.pt", "truncated": tmp_path / "truncated.pt", "garbage": tmp_path / "garbage.pt",
+         "dir": tmp_path, "missing": tmp_path / "missing.txt", "a_file": tmp_path / "story.txt"}
+    f["story"].write_text(STORY)
+    f["empty"].write_text("   \n")
+    f["binary"].write_bytes(bytes(range(256)))
+    f["latin1"].write_bytes("d\xe9j\xe0 vu".encode("latin-1"))
+    f["one_token"].write_text("a")
+    f["junk_model"].write_bytes(b"\x00not a sentencepiece model")
+    result = invoke("train", "--dataset", f["story"], "--model", f["ckpt"], *TINY, "--num-epochs", 1)
+    assert result.exit_code == 0, result.output
+    data = f["ckpt"].read_bytes()
+    f["truncated"].write_bytes(data[: len(data) // 2])
+    f["garbage"].write_bytes(os.urandom(4096))
+    return f
+
+
+TRAIN = ["train", "--dataset", "{story}", "--model", "{dir}/out.pt", *TINY, "--num-epochs", "1"]
+
+
+def train_with(*replace_or_add, dataset="{story}"):
+    args = [a if a != "{story}" else dataset for a in TRAIN]
+    return args + list(replace_or_add)
+
+
+BAD_INPUTS = [
+    (train_with(dataset="{missing}"), 1, "does not exist"),
+    (train_with(dataset="{empty}"), 1, "is empty"),
+    (train_with(dataset="{dir}"), 1, "is not a file"),
+    (train_with(dataset="{binary}"), 1, "looks binary"),
+    (train_with(dataset="{latin1}"), 1, "is not UTF-8 text"),
+    (train_with(dataset="{one_token}"), 1, "training needs at least 2"),
+    (train_with("--processor", "{dir}/nope.model"), 1, "does not exist"),
+    (train_with("--processor", "{junk_model}"), 1, "is not a SentencePiece model"),
+    (train_with("--lr", "0"), 1, "lr must be positive"),
+    (train_with("--lr", "-1"), 1, "lr must be positive"),
+    (train_with("--lr", "nan"), 1, "lr must be positive"),
+    (train_with("--lr", "inf"), 1, "lr must be positive"),
+    (train_with("--batch-size", "0"), 2, "'--batch-size': 0 is not in the range x>=1"),
+    (train_with("--batch-stride", "-2"), 2, "'--batch-stride'"),
+    (train_with("--num-epochs", "0"), 2, "'--num-epochs'"),
+    (train_with("--batch-stride", "64"), 1, "larger than --max-seq-len"),
+    (train_with("--num-heads", "0"), 1, "num_heads must be positive"),
+    (train_with("--embed-dim", "-3"), 1, "embed_dim must be positive"),
+    (train_with("--head-dim", "7"), 1, "head_dim must be even for rotary embeddings"),
+    (train_with("--weight-decay", "nan"), 1, "weight_decay must be zero or positive"),
+    (train_with("--optimizer", "lion"), 2, "'lion' is not one of 'adam', 'adamw', 'sgd'"),
+    (train_with("--scheduler", "onecycle"), 2, "is not one of 'none', 'step', 'cosine', 'linear'"),
+    (train_with("--criterion", "hinge"), 2, "is not one of 'cross_entropy', 'mse', 'mae'"),
+    (train_with("--model", "{a_file}/sub/out.pt"), 1, "cannot write checkpoints to"),
+    (train_with("--model", "{truncated}"), 1, "is truncated or corrupt"),
+    (train_with("--model", "{garbage}"), 1, "is truncated or corrupt"),
+    (["generate", "--model", "{truncated}", "--prompt", "x"], 1, "is truncated or corrupt"),
+    (["generate", "--model", "{dir}/none.pt", "--prompt", "x"], 1, "does not exist"),
+    (["generate", "--model", "{ckpt}", "--prompt", "owl " * 40], 1, "shorten the prompt"),
+    (["eval", "--model", "{ckpt}", "--dataset", "{binary}"], 1, "looks binary"),
+]
+
+
+@pytest.mark.parametrize("args,code,message", BAD_INPUTS, ids=[m[:30] for _, _, m in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(files, args, code, message):
+    result = invoke(*[a.format(**files) for a in args])
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_verbose_adds_the_traceback(files):
+    result = invoke(*[a.format(**files) for a in train_with("--processor", "{junk_model}", "--verbose")])
+    assert result.exit_code == 1 and "Traceback" in result.output
+
+
+def test_other_architecture_or_tokenizer_is_refused_not_restarted(files, tmp_path):
+    before = files["ckpt"].read_bytes()
+    args = ["train", "--dataset", files["story"], "--model", files["ckpt"], *TINY, "--num-epochs", 2]
+    other_arch = invoke(*args, "--num-layers", 2)
+    assert other_arch.exit_code == 1 and "num_layers: 1 != 2" in other_arch.output
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((ROOT / "data" / "lighthouse.txt").read_text() * 3)
+    assert invoke("tokenizer", "train", "--input", corpus, "--vocab-size", 400, "--output", tmp_path / "t.model"
+                  ).exit_code == 0
+    other_tok = invoke(*args, "--processor", tmp_path / "t.model")
+    assert other_tok.exit_code == 1 and "tokenizer: 'mistral' !=" in other_tok.output
+    assert files["ckpt"].read_bytes() == before
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(files, tmp_path):
+    ckpt = tmp_path / "diverge.pt"
+    # lr 1e-3 for two epochs, then multiplied by 1e30: the loss overflows in epoch 3
+    result = invoke("train", "--dataset", files["story"], "--model", ckpt, *TINY, "--num-epochs", 6,
+                    "--optimizer", "sgd", "--lr", "1e-3", "--clip-grad", 0, "--scheduler", "step",
+                    "--step-size", 2, "--gamma", "1e30", "--save-every", 1)
+    assert result.exit_code == 1
+    assert "loss became" in result.output and "learning rate is probably too high" in result.output
+    tensors, meta = checkpoint.load(ckpt)
+    assert meta["progress"]["epoch"] == 2
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("params."))
+
+
+def test_disk_full_keeps_the_previous_checkpoint(files, monkeypatch):
+    before = files["ckpt"].read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    result = invoke("train", "--dataset", files["story"], "--model", files["ckpt"], *TINY, "--num-epochs", 2)
+    assert result.exit_code == 1
+    assert "(No space left on device); the previous checkpoint is intact" in result.output
+    assert files["ckpt"].read_bytes() == before
+    assert not list(files["dir"].glob(".good.pt.*.tmp"))
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_a_pickle_payload_is_refused_and_never_runs(files, tmp_path):
+    marker, evil = tmp_path / "marker", tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"format": checkpoint.FORMAT, "meta": "{}", "tensors": Payload(marker)}, f)
+    torch.save({"format": checkpoint.FORMAT, "meta": "{}", "tensors": {"x": Payload(marker)}}, tmp_path / "evil2.pt")
+    raw = invoke("generate", "--model", evil, "--prompt", "x")  # a bare pickle: refused at its first opcode
+    assert raw.exit_code == 1 and "not a tensor file that loads without running code" in raw.output
+    wrapped = invoke("generate", "--model", tmp_path / "evil2.pt", "--prompt", "x")  # torch's zip format
+    assert wrapped.exit_code == 1 and "was refused: it asks to run exec," in wrapped.output
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+def spawn(story, ckpt, *extra):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "minifn", "train", "--dataset", str(story), "--model", str(ckpt),
+                             *TINY, *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+
+
+def wait_for_line(proc, prefix, timeout=60):
+    deadline, lines = time.time() + timeout, []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"no line starting {prefix!r}: {''.join(lines)}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_says_how_to_resume_and_resumes(files, tmp_path, sig, code):
+    ckpt = tmp_path / "sig.pt"
+    proc = spawn(files["story"], ckpt, "--num-epochs", 100000, "--save-every", 0)
+    wait_for_line(proc, "[Epoch: 2/")
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == code, out
+    assert f"checkpoint saved to {ckpt}; run the same command again to resume" in out
+    _, meta = checkpoint.load(ckpt)
+    done = meta["progress"]["epoch"]
+    assert done >= 2
+    resumed = invoke("train", "--dataset", files["story"], "--model", ckpt, *TINY, "--num-epochs", done + 1)
+    assert resumed.exit_code == 0 and "Resuming from" in resumed.output
+    assert checkpoint.load(ckpt)[1]["progress"]["epoch"] == done + 1
+
+
+@pytest.mark.slow
+def test_repeated_kill_9_always_leaves_a_loadable_checkpoint(files, tmp_path):
+    ckpt, rng, steps = tmp_path / "kill.pt", random.Random(), []
+    for _ in range(10):
+        proc = spawn(files["story"], ckpt, "--num-epochs", 100000, "--save-every", 1)
+        if ckpt.exists():
+            wait_for_line(proc, "Resuming from")
+        time.sleep(rng.uniform(0.5, 2.5))  # mostly mid-run; with one-step epochs, often mid-save
+        proc.kill()
+        proc.wait()
+        if ckpt.exists():
+            tensors, meta = checkpoint.load(ckpt)  # never truncated, never a half-written file
+            steps.append(int(tensors["step"]))
+    assert len(steps) >= 8 and steps == sorted(steps) and steps[-1] > steps[0]
+    final = invoke("train", "--dataset", files["story"], "--model", ckpt, *TINY,
+                   "--num-epochs", checkpoint.load(ckpt)[1]["progress"]["epoch"] + 1)
+    assert final.exit_code == 0 and "Resuming from" in final.output
+    assert not list(tmp_path.glob(".kill.pt.*.tmp"))  # leftovers of killed saves were cleaned up
+
+
+# ------------------------------------------------------------------------------------- fuzzing
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(-2, 60), T=st.integers(-2, 20), S=st.integers(-2, 20), B=st.integers(-2, 6))
+def test_batcher_fuzz_gives_fixed_shapes_or_a_value_error(n, T, S, B):
+    try:
+        out = list(batches(torch.arange(max(n, 0)), T, S, B))
+    except ValueError:
+        return
+    assert out and all(x.shape == y.shape == (B, T) for x, y in out)
+
+
+NUMBERS = st.sampled_from(["-1", "0", "1", "2", "3", "0.5", "nan", "inf", "-inf", "abc", "1e300", ""])
+OPTIONS = ["--lr", "--batch-size", "--batch-stride", "--max-seq-len", "--num-epochs", "--num-heads", "--head-dim",
+           "--embed-dim", "--ff-dim", "--num-layers", "--grad-accum-steps", "--warmup-steps", "--clip-grad",
+           "--weight-decay", "--momentum", "--gamma", "--eps", "--val-fraction", "--label-smoothing"]
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None)
+@given(choices=st.lists(st.tuples(st.sampled_from(OPTIONS), NUMBERS), min_size=1, max_size=4))
+def test_cli_number_fuzz_never_crashes(tmp_path_factory, choices):
+    root = tmp_path_factory.mktemp("fuzz")
+    story = root / "story.txt"
+    story.write_text(STORY[:200])
+    args = ["train", "--dataset", story, "--model", root / "m.pt", *TINY, "--num-epochs", 1, "--embed-dim", 8,
+            "--head-dim", 2, "--ff-dim", 8, "--max-seq-len", 8, "--batch-stride", 4]
+    for option, value in choices:
+        args += [option, value]
+    result = invoke(*args)
+    assert result.exit_code in (0, 1, 2), result.output
+    assert "Traceback" not in result.output
+    if result.exit_code:  # the error is the last line, and the only one
+        lines = result.output.strip().splitlines()
+        assert lines[-1].startswith("Error: ") and sum(line.startswith("Error") for line in lines) == 1

@@ -42,6 +42,19 @@ def _zeros(params: Tree) -> Tree:
     return optree.tree_map(torch.zeros_like, params)
 
 
+def _once(scalar: Tensor) -> Tensor:
+    """The same 0-D value, computed once per step. Inductor inlines scalar math into every consumer's
+    element loop (two pow() per 16 floats of Adam); a reduction over [x, 0] is a buffer it must compute
+    first, which makes the compiled Adam update about twice as fast."""
+    return torch.stack([scalar, torch.zeros_like(scalar)]).sum(0)
+
+
+def _as(scalar: Tensor, like: Tensor) -> Tensor:
+    """A float64 0-D hyperparameter in the leaf's dtype: per-step scalars are computed in float64 (as
+    torch.optim does in Python), elementwise math in the parameter dtype, which keeps kernels vectorised."""
+    return scalar.to(like.dtype)
+
+
 # ---------------------------------------------------------------------------------------- blocks
 
 
@@ -49,7 +62,7 @@ class ScaleByAdamState(NamedTuple):
     count: Tensor
     mu: Tree
     nu: Tree
-    nu_max: Tree | None  # running max of nu, only with amsgrad
+    nu_max: Tree  # running max of nu with amsgrad, else () (no leaves for optree or torch's pytree)
     b1: Tensor
     b2: Tensor
     eps: Tensor
@@ -60,18 +73,19 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, amsgrad=False) -> GradientTransfor
 
     def init(params):
         return ScaleByAdamState(_count(params), _zeros(params), _zeros(params),
-                                _zeros(params) if amsgrad else None,
+                                _zeros(params) if amsgrad else (),
                                 _value(b1, params), _value(b2, params), _value(eps, params))
 
     def update(grads, state, params=None):
         count = state.count + 1
-        mu = optree.tree_map(lambda m, g: m.lerp(g, (1 - state.b1).to(g.dtype)), state.mu, grads)
-        nu = optree.tree_map(lambda v, g: v * state.b2 + (1 - state.b2) * g * g, state.nu, grads)
-        nu_max = optree.tree_map(torch.maximum, state.nu_max, nu) if amsgrad else None
-        bias1 = 1 - state.b1**count
-        bias2_sqrt = (1 - state.b2**count).sqrt()
-        updates = optree.tree_map(lambda m, v: (m / bias1) / (v.sqrt() / bias2_sqrt + state.eps),
-                                  mu, nu_max if amsgrad else nu)
+        bias1 = _once(1 - state.b1**count)
+        bias2_sqrt = _once((1 - state.b2**count).sqrt())
+        mu = optree.tree_map(lambda m, g: m.lerp(g, _as(1 - state.b1, g)), state.mu, grads)
+        nu = optree.tree_map(lambda v, g: v * _as(state.b2, g) + _as(1 - state.b2, g) * g * g, state.nu, grads)
+        nu_max = optree.tree_map(torch.maximum, state.nu_max, nu) if amsgrad else ()
+        updates = optree.tree_map(
+            lambda m, v: (m / _as(bias1, m)) / (v.sqrt() / _as(bias2_sqrt, v) + _as(state.eps, v)),
+            mu, nu_max if amsgrad else nu)
         return updates, state._replace(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
     return GradientTransformation(init, update)
@@ -93,8 +107,9 @@ def trace(momentum=0.9, dampening=0.0, nesterov=False) -> GradientTransformation
     def update(grads, state, params=None):
         first = state.count == 0
         buf = optree.tree_map(
-            lambda b, g: torch.where(first, g, b * state.momentum + (1 - state.dampening) * g), state.trace, grads)
-        updates = optree.tree_map(lambda g, b: g + state.momentum * b, grads, buf) if nesterov else buf
+            lambda b, g: torch.where(first, g, b * _as(state.momentum, g) + _as(1 - state.dampening, g) * g),
+            state.trace, grads)
+        updates = optree.tree_map(lambda g, b: g + _as(state.momentum, b) * b, grads, buf) if nesterov else buf
         return updates, state._replace(count=state.count + 1, trace=buf)
 
     return GradientTransformation(init, update)
@@ -111,7 +126,7 @@ def add_decayed_weights(weight_decay=0.0) -> GradientTransformation:
         return WeightDecayState(_value(weight_decay, params))
 
     def update(grads, state, params):
-        return optree.tree_map(lambda g, p: g + state.weight_decay * p, grads, params), state
+        return optree.tree_map(lambda g, p: g + _as(state.weight_decay, p) * p, grads, params), state
 
     return GradientTransformation(init, update)
 
@@ -132,7 +147,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
     def update(grads, state, params=None):
         scale = (state.max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)
-        return optree.tree_map(lambda g: g * scale.to(g.dtype), grads), state
+        return optree.tree_map(lambda g: g * _as(scale, g), grads), state
 
     return GradientTransformation(init, update)
 
@@ -154,11 +169,11 @@ def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_d
         return ScaleByLearningRateState(_count(params), _value(lr, params), _value(weight_decay, params))
 
     def update(grads, state, params=None):
-        lr_t = state.lr if schedule is None else schedule(state.count, state.lr)
-        updates = optree.tree_map(lambda g: -lr_t * g, grads)
+        lr_t = state.lr if schedule is None else _once(schedule(state.count, state.lr))
+        updates = optree.tree_map(lambda g: _as(-lr_t, g) * g, grads)
         if weight_decay:
             keep = 1 - lr_t * state.weight_decay
-            updates = optree.tree_map(lambda u, p: (p * keep.to(p.dtype) - p) + u, updates, params)
+            updates = optree.tree_map(lambda u, p: (p * _as(keep, p) - p) + u, updates, params)
         return updates, state._replace(count=state.count + 1)
 
     return GradientTransformation(init, update)

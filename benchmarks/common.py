@@ -1,0 +1,109 @@
+"""Shared pieces of the benchmarks: configs, the variants under test, timing, FLOPs and the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from minifn import ModelConfig, init_params, optim
+from minifn.reference import ReferenceTransformer
+from minifn.train import init_state, make_train_step
+
+# The tutorial's shape (untied head, as the original "Mini" had) and a wider one.
+CONFIGS = {
+    "seed": (ModelConfig(vocab_size=32000, embed_dim=256, num_layers=4, num_heads=8, head_dim=32, ff_dim=1024,
+                         max_seq_len=128, tie_embeddings=False), 2),
+    "bench": (ModelConfig(vocab_size=8192, embed_dim=512, num_layers=8, num_heads=8, head_dim=64, ff_dim=2048,
+                          max_seq_len=256, tie_embeddings=False), 8),
+    "tiny": (ModelConfig(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, head_dim=16, ff_dim=128,
+                         max_seq_len=32, tie_embeddings=False), 2),
+}
+LR, WEIGHT_DECAY = 1e-3, 0.01
+VARIANTS = {
+    "a": "eager nn.Module + torch.optim.AdamW",
+    "a_fused": "eager nn.Module + AdamW(fused=True)",
+    "b": "torch.compile(module) + AdamW",
+    "c": "minifn train_step, eager",
+    "d": "minifn train_step, compiled",
+}
+
+
+def batch_for(config: ModelConfig, batch_size: int):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, config.vocab_size, (batch_size, config.max_seq_len + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def build(variant: str, config: ModelConfig, batch_size: int):
+    """A no-argument function that runs one training step of the variant (same params, same batch)."""
+    params = init_params(config, seed=0)
+    x, y = batch_for(config, batch_size)
+    if variant in ("a", "a_fused", "b"):
+        module = ReferenceTransformer(config)
+        module.load_state_dict(params)
+        opt = torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=variant == "a_fused")
+        forward = torch.compile(module) if variant == "b" else module
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(x).flatten(0, 1), y.flatten()).backward()
+            opt.step()
+
+        return step
+    tx = optim.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
+    train_step = make_train_step(config, tx, compile="on" if variant == "d" else "off", inplace=variant == "d")
+    holder = [init_state(params, tx)]
+
+    def step():
+        holder[0], _ = train_step(holder[0], (x, y))
+
+    return step
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 20) -> float:
+    """Float32 matrix-multiply FLOP/s of this machine, measured now (the MFU denominator)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats)
+
+
+def step_flops(config: ModelConfig, batch_size: int) -> float:
+    """Model FLOPs per step: 6 x (matmul parameters) per token, plus causal attention
+    6 x layers x T x heads x head_dim per token (half of PaLM's 12 L T d, for the causal mask)."""
+    from minifn.model import num_params
+
+    matmul_params = num_params(config) - config.vocab_size * config.embed_dim * (not config.tie_embeddings)
+    tokens = batch_size * config.max_seq_len
+    attention = 6 * config.num_layers * config.max_seq_len * config.num_heads * config.head_dim
+    return (6 * matmul_params + attention) * tokens
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}")

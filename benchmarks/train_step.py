@@ -1,0 +1,130 @@
+"""Train-step benchmark: minifn's compiled functional step against plain PyTorch.
+
+    python benchmarks/train_step.py            # seed and bench configs, writes benchmarks/RESULTS.md
+    python benchmarks/train_step.py --quick    # fewer steps
+
+Each variant runs twice in its own process with a fresh inductor cache (cold compile, step time,
+peak RSS), then again on the warm cache (warm compile). Because the machines are shared and noisy,
+the speed ratios quoted are from one more process that steps all variants round-robin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import CONFIGS, VARIANTS, build, machine, matmul_peak_flops, median_seconds, peak_rss_mb, step_flops  # noqa: E402
+
+
+def worker(variant: str, config_name: str, repeats: int) -> dict:
+    config, batch_size = CONFIGS[config_name]
+    step = build(variant, config, batch_size)
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    step()
+    return {"first_step_s": first, "step_s": median_seconds(step, repeats), "peak_rss_mb": peak_rss_mb()}
+
+
+def interleaved(config_name: str, rounds: int) -> dict:
+    config, batch_size = CONFIGS[config_name]
+    steps = {v: build(v, config, batch_size) for v in VARIANTS}
+    for step in steps.values():  # compile (warm cache) and warm up
+        step()
+        step()
+    times = {v: [] for v in steps}
+    for _ in range(rounds):
+        for v, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[v].append(time.perf_counter() - start)
+    return {"step_s": {v: statistics.median(t) for v, t in times.items()}, "peak_flops": matmul_peak_flops()}
+
+
+def run_child(args: list[str], cache: str) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(config_names: list[str], repeats: int, rounds: int) -> dict:
+    results = {}
+    for name in config_names:
+        per_variant = {}
+        with tempfile.TemporaryDirectory() as cache:
+            for v in VARIANTS:
+                cold = run_child(["--worker", v, name, str(repeats)], cache)
+                warm = run_child(["--worker", v, name, str(repeats)], cache)
+                per_variant[v] = {"cold": cold, "warm": warm}
+                print(f"{name} {v}: {cold}", file=sys.stderr, flush=True)
+            together = run_child(["--interleaved", name, str(rounds)], cache)
+        results[name] = {"variants": per_variant, "interleaved": together}
+    return results
+
+
+def report(results: dict, command: str) -> str:
+    lines = ["# Train-step benchmark", "", f"Machine: {machine()}", "", f"Command: `{command}`", "",
+             "Ratios are speed relative to (a), from the interleaved process (all variants stepping round-robin",
+             "in one process, so machine noise hits them alike). Step times and RSS come from each variant's own",
+             "process; cold compile is the first step with an empty inductor cache, warm the same with the cache",
+             "filled. MFU = model FLOPs per step / step time / float32 matmul FLOP/s measured in the same run;",
+             "model FLOPs per token = 6 x matmul parameters + 6 x layers x T x heads x head_dim (causal).", ""]
+    for name, r in results.items():
+        config, batch_size = CONFIGS[name]
+        tokens = batch_size * config.max_seq_len
+        inter = r["interleaved"]
+        flops, peak = step_flops(config, batch_size), inter["peak_flops"]
+        base = inter["step_s"]["a"]
+        lines += [f"## {name}: vocab {config.vocab_size}, embed {config.embed_dim}, {config.num_layers} layers, "
+                  f"{config.num_heads} heads x {config.head_dim}, ff {config.ff_dim}, seq {config.max_seq_len}, "
+                  f"batch {batch_size} ({flops / 1e9:.1f} GFLOP/step; matmul peak {peak / 1e9:.0f} GFLOP/s)", "",
+                  "| variant | ratio to (a), interleaved | step ms, interleaved | tokens/s | MFU "
+                  "| step ms, own process | cold compile s | warm compile s | peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for v, label in VARIANTS.items():
+            step = inter["step_s"][v]
+            own = r["variants"][v]
+            compiled = v in ("b", "d")
+            cold = f"{own['cold']['first_step_s']:.1f}" if compiled else "-"
+            warm = f"{own['warm']['first_step_s']:.1f}" if compiled else "-"
+            lines.append(f"| ({v}) {label} | {base / step:.2f} | {step * 1e3:.1f} | {tokens / step:.0f} | "
+                         f"{flops / step / peak:.0%} | {own['warm']['step_s'] * 1e3:.1f} | {cold} | {warm} | "
+                         f"{own['warm']['peak_rss_mb']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer timed steps")
+    parser.add_argument("--configs", default="seed,bench", help=f"comma-separated, from {', '.join(CONFIGS)}")
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "CONFIG", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", nargs=2, metavar=("CONFIG", "ROUNDS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]))))
+        return
+    if args.interleaved:
+        print(json.dumps(interleaved(args.interleaved[0], int(args.interleaved[1]))))
+        return
+    repeats, rounds = (3, 3) if args.quick else (10, 15)
+    results = measure(args.configs.split(","), repeats, rounds)
+    command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
+    text = report(results, command.strip())
+    Path(args.output).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -107,3 +107,18 @@ def machine() -> str:
                 break
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}")
+
+
+def write_section(path, name: str, text: str) -> None:
+    """Replace (or append) the section between <!-- name --> markers, so each script owns its part."""
+    from pathlib import Path
+
+    path = Path(path)
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    old = path.read_text() if path.exists() else "# minifn benchmarks\n\nEach section is written by its script.\n"
+    block = f"{start}\n{text.strip()}\n{end}"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new if new.endswith("\n") else new + "\n")

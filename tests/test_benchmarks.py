@@ -1,0 +1,27 @@
+"""Tiny runs of each benchmark script, so they cannot rot. They assert that each script runs and
+writes its section; timings are never asserted."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = [
+    ("train_step.py", ["--quick", "--configs", "tiny"], "## tiny:"),
+    ("swap.py", ["--quick", "--config", "tiny", "--k", "2"], "## Swapping parameter trees"),
+    ("generate.py", ["--quick", "--config", "tiny", "--new-tokens", "6", "--prompt-tokens", "4"], "## Generation"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args,heading", SCRIPTS, ids=[s for s, _, _ in SCRIPTS])
+def test_benchmark_script_runs_and_writes_its_section(tmp_path, script, args, heading):
+    out = tmp_path / "RESULTS.md"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--output", str(out)],
+                   check=True, capture_output=True, text=True, env=env, timeout=600)
+    text = out.read_text()
+    assert heading in text and "Machine:" in text and "Command:" in text

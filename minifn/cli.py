@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import signal
 import sys
 import traceback
@@ -212,11 +213,12 @@ class _StopFlag:
         return self
 
 
-def _reporter(verbose: bool, criterion: str, total_steps: int):
+def _reporter(verbose: bool, criterion: str, total_steps: int, show: bool = True):
     """Prints progress: a tqdm bar on a terminal, else nothing per step; epoch lines always."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False) if sys.stderr.isatty() else None
+    on_terminal = show and sys.stderr.isatty()
+    bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False) if on_terminal else None
 
     def report(event):
         if event["kind"] == "step":
@@ -296,6 +298,8 @@ def _reporter(verbose: bool, criterion: str, total_steps: int):
               help="bfloat16 runs the forward pass under autocast; parameters stay float32.")
 @click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True)
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes, launched through torch.distributed.run (same as torchrun).")
 @click.option("--verbose", is_flag=True, help="Per-batch lines, and tracebacks with errors.")
 @_one_line_errors
 def train(**o):
@@ -310,8 +314,18 @@ def train(**o):
     from minifn.tokenizer import encode_file, load_tokenizer
     from minifn.train import init_state, make_eval_step, make_train_step, optimizer_from_config
 
+    if o["nproc"] > 1 and "LOCAL_RANK" not in os.environ:
+        sys.exit(_launch(o["nproc"]))
     warnings.showwarning = lambda msg, *a, **k: click.echo(f"Warning: {msg}", err=True)
     device = resolve_device(o["device"])
+    world = None
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        from minifn import distributed
+
+        world = distributed.init(device)
+        device = world.device
+    rank, world_size = (world.rank, world.world_size) if world else (0, 1)
+    say = click.echo if rank == 0 else (lambda *a, **k: None)
     autocast_dtype = resolve_dtype(o["dtype"], device)
     dataset = _bundled(o["dataset"])
     tok = load_tokenizer(o["processor"])
@@ -330,14 +344,15 @@ def train(**o):
         raise UserError(f"--batch-stride {o['batch_stride']} is larger than --max-seq-len {o['max_seq_len']}: "
                         "tokens between windows would never be trained on")
     spec = DataSpec(o["max_seq_len"], o["batch_stride"], o["batch_size"], o["grad_accum_steps"], o["shuffle"],
-                    o["seed"], tok.pad_id)
+                    o["seed"], tok.pad_id, rank, world_size)
     steps_per_epoch = spec.steps_per_epoch(len(tokens))
     model_config, train_config = _model_and_train_configs({**o, "vocab_size": tok.vocab_size}, steps_per_epoch)
     optimizer, schedule = optimizer_from_config(train_config)
     meta = {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
             "tokenizer": {"name": tok.name, "sha256": tok.sha256},
             "data": {"seq_len": spec.seq_len, "stride": spec.stride, "batch_size": spec.batch_size,
-                     "shuffle": spec.shuffle, "seed": spec.seed, "val_fraction": o["val_fraction"]}}
+                     "shuffle": spec.shuffle, "seed": spec.seed, "val_fraction": o["val_fraction"]},
+            "world_size": world_size}
 
     path = Path(o["checkpoint_path"])
     ckpt.remove_stale_temporaries(path)
@@ -345,46 +360,78 @@ def train(**o):
     progress = None
     if path.exists() and not o["fresh"]:
         tensors, saved = ckpt.load(path)
+        if saved.get("world_size", 1) != world_size:
+            raise UserError(f"checkpoint {path} was saved by {saved.get('world_size', 1)} process(es) and this run "
+                            f"has {world_size}; resume with --nproc {saved.get('world_size', 1)} or use --fresh")
         changed = _check_resumable(path, saved, meta)
         try:
             state, progress = load_state(tensors, saved, state)
         except ckpt.CheckpointError as e:
             raise UserError(f"{e}: the optimizer's state has another shape (was --optimizer, --amsgrad, --momentum "
                             "or --clip-grad changed?); resume with the original flags or use --fresh") from None
-        click.echo(f"Resuming from {path}: epoch {progress.epoch + 1}, batch {progress.batch}, "
-                   f"step {int(state.step)}")
+        say(f"Resuming from {path}: epoch {progress.epoch + 1}, batch {progress.batch}, step {int(state.step)}")
         if changed:
-            click.echo(f"Note: resuming with changed settings ({'; '.join(changed)})")
-    elif o["fresh"]:
+            say(f"Note: resuming with changed settings ({'; '.join(changed)})")
+    elif o["fresh"] and rank == 0:
         path.with_suffix(".metrics.jsonl").unlink(missing_ok=True)
-    _check_writable(path)
+    if rank == 0:
+        _check_writable(path)
+    all_reduce = None
+    if world:
+        distributed.broadcast_(state.params)  # every rank starts from rank 0's parameters
+        all_reduce = distributed.all_reduce_sum_
 
     loss_fn = LOSSES[train_config.criterion]
     step = make_train_step(model_config, optimizer, loss_fn, reduction=train_config.reduction,
-                           autocast_dtype=autocast_dtype, compile=o["compile_mode"], device=device)
+                           autocast_dtype=autocast_dtype, compile=o["compile_mode"], device=device,
+                           all_reduce=all_reduce)
     eval_step = (make_eval_step(model_config, loss_fn, autocast_dtype=autocast_dtype, compile=o["compile_mode"],
                                 device=device) if val_tokens is not None else None)
-    click.echo(f"Training {num_params(model_config) / 1e6:.2f}M parameters on {len(tokens)} tokens of {dataset} "
-               f"({steps_per_epoch} steps/epoch, {o['num_epochs']} epochs, device {device.type}, "
-               f"compile {o['compile_mode']})")
-    report, bar = _reporter(o["verbose"], train_config.criterion, steps_per_epoch * o["num_epochs"])
+    say(f"Training {num_params(model_config) / 1e6:.2f}M parameters on {len(tokens)} tokens of {dataset} "
+        f"({steps_per_epoch} steps/epoch, {o['num_epochs']} epochs, device {device.type}, "
+        f"compile {o['compile_mode']})")
+    if world:
+        say(f"Data parallel: {world_size} processes; global batch {spec.batch_size} x {world_size} x "
+            f"{spec.grad_accum_steps} = {spec.batch_size * world_size * spec.grad_accum_steps} windows per step")
+    report, bar = _reporter(o["verbose"], train_config.criterion, steps_per_epoch * o["num_epochs"], rank == 0)
     stop = _StopFlag().install()
+    stop_requested = (lambda: stop.signum) if not world else (
+        lambda: (stop.signum or signal.SIGTERM) if distributed.any_rank(stop.signum is not None, device) else None)
     try:
         fit(state, step, tokens, spec, num_epochs=o["num_epochs"], device=device, checkpoint_path=path, meta=meta,
             progress=progress, save_every=o["save_every"], val_tokens=val_tokens, eval_step=eval_step,
             lr_of=lambda s: float(current_lr(s.opt_state, schedule)), report=report,
-            stop_requested=lambda: stop.signum)
+            stop_requested=stop_requested)
     except Interrupted as e:
         if bar is not None:
             bar.close()
-        click.echo(f"Interrupted: checkpoint saved to {e.path}; run the same command again to resume.", err=True)
+        if rank == 0:
+            click.echo(f"Interrupted: checkpoint saved to {e.path}; run the same command again to resume.",
+                       err=True)
         sys.exit(128 + e.signum)
     except TrainingDiverged as e:
         raise UserError(str(e)) from None
     finally:
         if bar is not None:
             bar.close()
-    click.echo(f"Training complete! Checkpoint saved: {path}")
+        if world:
+            distributed.shutdown()
+    say(f"Training complete! Checkpoint saved: {path}")
+
+
+def _launch(nproc: int) -> int:
+    """Run this same command in nproc processes through torch.distributed.run (torchrun)."""
+    import subprocess
+
+    args, given = [], iter(sys.argv[1:])
+    for a in given:
+        if a == "--nproc":
+            next(given, None)  # and its value
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "minifn", *args]
+    return subprocess.call(command)
 
 
 def _check_resumable(path: Path, saved: dict, meta: dict) -> list[str]:

@@ -65,12 +65,18 @@ def window_order(num: int, epoch: int, shuffle: bool, seed: int) -> Tensor:
 
 def batches(tokens, seq_len: int, stride: int, batch_size: int, *, epoch: int = 0, start: int = 0,
             shuffle: bool = False, seed: int = 0, drop_last: bool = False, pad_id: int = 0,
-            ignore_index: int = IGNORE_INDEX) -> Iterator[tuple[Tensor, Tensor]]:
-    """(inputs, targets) long tensors [B, T] for one epoch, from batch index `start` on."""
+            ignore_index: int = IGNORE_INDEX, rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+    """(inputs, targets) long tensors [B, T] for one epoch, from batch index `start` on.
+
+    With world_size > 1 every rank walks the same global batches of B * world_size windows and takes
+    rows rank*B .. rank*B+B-1, so N ranks at batch B see exactly what one process at batch N*B sees."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
     inputs, targets = window_tensors(tokens, seq_len, stride, pad_id, ignore_index)
     order = window_order(len(inputs), epoch, shuffle, seed)
-    for b in range(start, num_batches(len(tokens), seq_len, stride, batch_size, drop_last)):
-        rows = order[b * batch_size : (b + 1) * batch_size]
+    global_batch = batch_size * world_size
+    for b in range(start, num_batches(len(tokens), seq_len, stride, global_batch, drop_last)):
+        rows = order[b * global_batch : (b + 1) * global_batch][rank * batch_size : (rank + 1) * batch_size]
         x, y = inputs[rows], targets[rows]
         if len(rows) < batch_size:  # top up with rows the loss ignores
             fill = batch_size - len(rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -45,9 +46,11 @@ class DataSpec:
     shuffle: bool = False
     seed: int = 0
     pad_id: int = 0
+    rank: int = 0
+    world_size: int = 1
 
     def batches_per_epoch(self, num_tokens: int) -> int:
-        return num_batches(num_tokens, self.seq_len, self.stride, self.batch_size)
+        return num_batches(num_tokens, self.seq_len, self.stride, self.batch_size * self.world_size)
 
     def steps_per_epoch(self, num_tokens: int) -> int:
         return math.ceil(self.batches_per_epoch(num_tokens) / self.grad_accum_steps)
@@ -87,7 +90,8 @@ def load_state(tensors: dict[str, Tensor], meta: dict, template: TrainState) -> 
 def _groups(tokens, spec: DataSpec, epoch: int, start: int):
     """Micro-batches stacked to [A, B, T]; a short final group is topped up with ignored batches."""
     it = batches(tokens, spec.seq_len, spec.stride, spec.batch_size, epoch=epoch, start=start,
-                 shuffle=spec.shuffle, seed=spec.seed, pad_id=spec.pad_id)
+                 shuffle=spec.shuffle, seed=spec.seed, pad_id=spec.pad_id, rank=spec.rank,
+                 world_size=spec.world_size)
     group = []
     for x, y in it:
         group.append((x, y))
@@ -116,18 +120,22 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
     """Train from progress (a fresh run when None) to the end of num_epochs; returns the final state.
 
     report receives {"kind": "step" | "epoch", ...}; stop_requested returns a signal number when the
-    run should save and raise Interrupted (the CLI sets it from its signal handlers)."""
+    run should save and raise Interrupted (the CLI sets it from its signal handlers). In a data-parallel
+    run (spec.rank/world_size) only rank 0 reports, writes metrics and saves; stop_requested must give
+    the same answer on every rank."""
     progress = progress or Progress()
+    main = spec.rank == 0
     metrics_path = checkpoint_path.with_suffix(".metrics.jsonl")
     per_epoch = spec.batches_per_epoch(len(tokens))
 
     def save():
-        return save_state(checkpoint_path, state, progress, meta)
+        return save_state(checkpoint_path, state, progress, meta) if main else None
 
-    with open(metrics_path, "a") as metrics_file:
+    with open(metrics_path if main else os.devnull, "a") as metrics_file:
         def log(event):
             metrics_file.write(json.dumps(event) + "\n")
-            report(event)
+            if main:
+                report(event)
 
         while progress.epoch < num_epochs:
             epoch_start = time.perf_counter()
@@ -158,7 +166,7 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
                 event["val_loss"] = evaluate(eval_step, state.params, val_tokens, spec, device)[0]
             progress.history.append([progress.epoch + 1, avg])
             progress.epoch, progress.batch, progress.loss_sum, progress.tokens = progress.epoch + 1, 0, 0.0, 0
-            if (save_every and progress.epoch % save_every == 0) or progress.epoch == num_epochs:
+            if ((save_every and progress.epoch % save_every == 0) or progress.epoch == num_epochs) and main:
                 event["checkpoint"] = str(save())
             log(event)
     return state

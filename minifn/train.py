@@ -41,13 +41,46 @@ def _autocast(device_type: str, dtype: torch.dtype | None):
     return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def _summed_loss(params, inputs, targets, config, loss_fn, denominator, autocast_dtype):
-    """(objective, summed loss): the objective is what gets differentiated (the loss over the whole
-    accumulated batch, so micro-batches add up exactly to one big batch)."""
+def _summed_loss(params, inputs, targets, config, loss_fn, autocast_dtype):
+    """The loss summed over target tokens (differentiated), twice: as output and as auxiliary value."""
     with _autocast(inputs.device.type, autocast_dtype):
         logits = apply(params, inputs, config)
     total = loss_fn(logits, targets, reduction="sum")
-    return total / denominator, total
+    return total, total.detach()
+
+
+def loss_and_grads(params: Params, batch: Batch, *, config: ModelConfig, loss_fn: Loss = cross_entropy,
+                   autocast_dtype: torch.dtype | None = None) -> tuple[Params, Tensor, Tensor]:
+    """(gradients of the summed loss, summed loss, target count) over all micro-batches of batch.
+
+    Sums, not means: they add up exactly across micro-batches and across data-parallel ranks, and
+    apply_gradients divides once by the global count."""
+    inputs, targets = batch
+    if inputs.ndim == 2:
+        inputs, targets = inputs[None], targets[None]
+    grad_fn = torch.func.grad_and_value(_summed_loss, has_aux=True)
+    grads, loss_sum = None, 0.0
+    for x, y in zip(inputs.unbind(0), targets.unbind(0)):  # A is static: unrolled under compile
+        g, (_, total) = grad_fn(params, x, y, config, loss_fn, autocast_dtype)
+        grads = g if grads is None else optree.tree_map(torch.add, grads, g)
+        loss_sum = loss_sum + total
+    return grads, loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: Tensor, *,
+                    optimizer: optim.GradientTransformation, reduction: str = "mean",
+                    inplace: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
+    """Normalise summed gradients (per target token for 'mean') and take one optimizer step."""
+    count = tokens.clamp(min=1)
+    if reduction == "mean":
+        grads = optree.tree_map(lambda g: g / count.to(g.dtype), grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optim.apply_updates(state.params, updates)
+    if inplace:
+        params = optim.assign_(state.params, params)
+        opt_state = optim.assign_(state.opt_state, opt_state)
+    metrics = {"loss": loss_sum / count, "grad_norm": optim.global_norm(grads), "tokens": tokens}
+    return TrainState(params, opt_state, state.step + 1), metrics
 
 
 def train_step(state: TrainState, batch: Batch, *, config: ModelConfig, optimizer: optim.GradientTransformation,
@@ -57,24 +90,9 @@ def train_step(state: TrainState, batch: Batch, *, config: ModelConfig, optimize
 
     inplace=True writes the new parameters and optimizer state into the input tensors (the same
     values, bit for bit) so a compiled step keeps one copy of each tree."""
-    inputs, targets = batch
-    if inputs.ndim == 2:
-        inputs, targets = inputs[None], targets[None]
-    tokens = (targets != IGNORE_INDEX).sum()
-    denominator = tokens.clamp(min=1) if reduction == "mean" else torch.ones((), device=tokens.device)
-    grad_fn = torch.func.grad_and_value(_summed_loss, has_aux=True)
-    grads, loss_sum = None, 0.0
-    for x, y in zip(inputs.unbind(0), targets.unbind(0)):  # A is static: unrolled under compile
-        g, (_, total) = grad_fn(state.params, x, y, config, loss_fn, denominator, autocast_dtype)
-        grads = g if grads is None else optree.tree_map(torch.add, grads, g)
-        loss_sum = loss_sum + total
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optim.apply_updates(state.params, updates)
-    if inplace:
-        params = optim.assign_(state.params, params)
-        opt_state = optim.assign_(state.opt_state, opt_state)
-    metrics = {"loss": loss_sum / tokens.clamp(min=1), "grad_norm": optim.global_norm(grads), "tokens": tokens}
-    return TrainState(params, opt_state, state.step + 1), metrics
+    grads, loss_sum, tokens = loss_and_grads(state.params, batch, config=config, loss_fn=loss_fn,
+                                             autocast_dtype=autocast_dtype)
+    return apply_gradients(state, grads, loss_sum, tokens, optimizer=optimizer, reduction=reduction, inplace=inplace)
 
 
 def eval_step(params: Params, batch: Batch, *, config: ModelConfig, loss_fn: Loss = cross_entropy,
@@ -133,12 +151,29 @@ def maybe_compile(fn: Callable, mode: str, device: torch.device) -> Callable:
 
 def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation, loss_fn: Loss = cross_entropy,
                     *, reduction: str = "mean", autocast_dtype: torch.dtype | None = None, inplace: bool = False,
-                    compile: str = "auto", device: torch.device | str = "cpu"):
-    """train_step bound to a config, optimizer and loss, compiled per `compile` (auto/on/off)."""
+                    compile: str = "auto", device: torch.device | str = "cpu",
+                    all_reduce: Callable[[list[Tensor]], None] | None = None):
+    """train_step bound to a config, optimizer and loss, compiled per `compile` (auto/on/off).
+
+    With all_reduce (data parallel: sums a list of tensors across ranks in place), the step is two
+    compiled halves with the collective between them, outside the compiled graphs."""
     skeleton(config)  # build the module skeleton outside any compiled region
-    step = functools.partial(train_step, config=config, optimizer=optimizer, loss_fn=loss_fn,
-                             reduction=reduction, autocast_dtype=autocast_dtype, inplace=inplace)
-    return maybe_compile(step, compile, torch.device(device))
+    device = torch.device(device)
+    if all_reduce is None:
+        step = functools.partial(train_step, config=config, optimizer=optimizer, loss_fn=loss_fn,
+                                 reduction=reduction, autocast_dtype=autocast_dtype, inplace=inplace)
+        return maybe_compile(step, compile, device)
+    grads_fn = maybe_compile(functools.partial(loss_and_grads, config=config, loss_fn=loss_fn,
+                                               autocast_dtype=autocast_dtype), compile, device)
+    apply_fn = maybe_compile(functools.partial(apply_gradients, optimizer=optimizer, reduction=reduction,
+                                               inplace=inplace), compile, device)
+
+    def data_parallel_step(state: TrainState, batch: Batch):
+        grads, loss_sum, tokens = grads_fn(state.params, batch)
+        all_reduce([*optree.tree_leaves(grads), loss_sum, tokens])
+        return apply_fn(state, grads, loss_sum, tokens)
+
+    return data_parallel_step
 
 
 def make_eval_step(config: ModelConfig, loss_fn: Loss = cross_entropy, *, autocast_dtype=None,

@@ -1,0 +1,99 @@
+"""Data parallel on gloo over loopback: N ranks equal one process with N times the batch."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from minifn import checkpoint
+from minifn.data import batches
+from minifn.model import init_params
+from minifn.train import init_state, make_train_step
+
+HERE = ROOT / "tests"
+TINY = ["--num-layers", "1", "--num-heads", "2", "--head-dim", "8", "--embed-dim", "16", "--ff-dim", "32",
+        "--max-seq-len", "32", "--batch-stride", "16", "--batch-size", "2", "--compile", "off"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(nproc, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={nproc}", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
+    sys.path.insert(0, str(HERE))
+    import dp_worker
+
+    result = torchrun(2, HERE / "dp_worker.py", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # identical on both ranks
+
+    tx = dp_worker.optimizer()
+    state = init_state(init_params(dp_worker.CONFIG, seed=0), tx)
+    step = make_train_step(dp_worker.CONFIG, tx, compile="off")
+    data = batches(dp_worker.tokens(), 16, 8, 2 * dp_worker.BATCH, shuffle=True, seed=3)
+    for _ in range(dp_worker.STEPS):
+        state, _ = step(state, next(data))
+    diff = sum((rank0[k] - state.params[k]).square().sum() for k in rank0).sqrt()
+    assert (diff / sum(v.square().sum() for v in state.params.values()).sqrt()).item() < 1e-5
+    assert not torch.equal(state.params["embed.weight"], init_params(dp_worker.CONFIG, 0)["embed.weight"])
+
+
+@pytest.mark.slow
+def test_cli_with_two_processes_saves_once_resumes_and_checks_the_world_size(tmp_path):
+    story = tmp_path / "story.txt"
+    story.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:800])
+    ckpt = tmp_path / "dp.pt"
+    base = [sys.executable, "-m", "minifn", "train", "--dataset", story, "--model", ckpt, *TINY]
+    first = subprocess.run([*map(str, base), "--nproc", "2", "--num-epochs", "2"], capture_output=True, text=True,
+                           env=ENV, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count("Training complete!") == 1 and "global batch 2 x 2 x 1 = 4" in first.stdout
+    assert checkpoint.load(ckpt)[1]["world_size"] == 2
+    assert sorted(p.name for p in tmp_path.glob("*dp*")) == ["dp.metrics.jsonl", "dp.pt"]  # one writer
+    again = subprocess.run([*map(str, base), "--nproc", "2", "--num-epochs", "3"], capture_output=True, text=True,
+                           env=ENV, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("Resuming from") == 1 and "[Epoch: 3/3]" in again.stdout
+    alone = subprocess.run([*map(str, base), "--num-epochs", "4"], capture_output=True, text=True, env=ENV,
+                           timeout=120)
+    assert alone.returncode == 1 and "was saved by 2 process(es) and this run has 1" in alone.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_killing_one_rank_makes_the_other_exit_with_a_clear_error(tmp_path):
+    story = tmp_path / "story.txt"
+    story.write_text((ROOT / "data" / "lighthouse.txt").read_text())
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "minifn", "train", "--dataset", str(story), "--model", str(tmp_path / "k.pt"),
+             *TINY, "--num-epochs", "100000", "--save-every", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    deadline = time.time() + 120
+    while time.time() < deadline and not procs[0].stdout.readline().startswith("[Epoch: 1/"):
+        assert procs[0].poll() is None, "rank 0 ended early"
+    procs[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    out, _ = procs[0].communicate(timeout=150)
+    assert procs[0].returncode not in (0, None) and time.time() - start < 150
+    assert "another training process stopped or became unreachable" in out
+    assert checkpoint.load(tmp_path / "k.pt")[1]["progress"]["epoch"] >= 1  # the saved state survived

@@ -23,7 +23,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import CONFIGS, VARIANTS, build, machine, matmul_peak_flops, median_seconds, peak_rss_mb, step_flops  # noqa: E402
+from common import (  # noqa: E402
+    CONFIGS,
+    VARIANTS,
+    build,
+    machine,
+    matmul_peak_flops,
+    median_seconds,
+    peak_rss_mb,
+    step_flops,
+    write_section,
+)
 
 
 def worker(variant: str, config_name: str, repeats: int) -> dict:
@@ -73,7 +83,7 @@ def measure(config_names: list[str], repeats: int, rounds: int) -> dict:
 
 
 def report(results: dict, command: str) -> str:
-    lines = ["# Train-step benchmark", "", f"Machine: {machine()}", "", f"Command: `{command}`", "",
+    lines = ["## Train step", "", f"Machine: {machine()}", "", f"Command: `{command}`", "",
              "Ratios are speed relative to (a), from the interleaved process (all variants stepping round-robin",
              "in one process, so machine noise hits them alike). Step times and RSS come from each variant's own",
              "process; cold compile is the first step with an empty inductor cache, warm the same with the cache",
@@ -85,7 +95,7 @@ def report(results: dict, command: str) -> str:
         inter = r["interleaved"]
         flops, peak = step_flops(config, batch_size), inter["peak_flops"]
         base = inter["step_s"]["a"]
-        lines += [f"## {name}: vocab {config.vocab_size}, embed {config.embed_dim}, {config.num_layers} layers, "
+        lines += [f"### {name}: vocab {config.vocab_size}, embed {config.embed_dim}, {config.num_layers} layers, "
                   f"{config.num_heads} heads x {config.head_dim}, ff {config.ff_dim}, seq {config.max_seq_len}, "
                   f"batch {batch_size} ({flops / 1e9:.1f} GFLOP/step; matmul peak {peak / 1e9:.0f} GFLOP/s)", "",
                   "| variant | ratio to (a), interleaved | step ms, interleaved | tokens/s | MFU "
@@ -122,7 +132,7 @@ def main():
     results = measure(args.configs.split(","), repeats, rounds)
     command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
     text = report(results, command.strip())
-    Path(args.output).write_text(text + "\n")
+    write_section(args.output, "train_step", text)
     print(text)
 
 

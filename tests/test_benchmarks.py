@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = [
-    ("train_step.py", ["--quick", "--configs", "tiny"], "## tiny:"),
+    ("train_step.py", ["--quick", "--configs", "tiny"], "### tiny:"),
     ("swap.py", ["--quick", "--config", "tiny", "--k", "2"], "## Swapping parameter trees"),
     ("generate.py", ["--quick", "--config", "tiny", "--new-tokens", "6", "--prompt-tokens", "4"], "## Generation"),
 ]

@@ -13,6 +13,7 @@ SCRIPTS = [
     ("train_step.py", ["--quick", "--configs", "tiny"], "### tiny:"),
     ("swap.py", ["--quick", "--config", "tiny", "--k", "2"], "## Swapping parameter trees"),
     ("generate.py", ["--quick", "--config", "tiny", "--new-tokens", "6", "--prompt-tokens", "4"], "## Generation"),
+    ("profile_step.py", ["--configs", "tiny"], "## Where the time goes"),
 ]
 
 

@@ -1,0 +1,123 @@
+"""Where the compiled step spends its time, and where its compile time goes.
+
+    python benchmarks/profile_step.py [--configs seed,bench]
+
+Per-step time of minifn's compiled step (variant d) by category, from torch.profiler, and the
+compile-time split (dynamo tracing, AOTAutograd, inductor) with a cold and a warm inductor cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import CONFIGS, build, machine, matmul_peak_flops, step_flops, write_section  # noqa: E402
+
+CATEGORIES = [  # first match wins
+    ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm")),
+    ("attention (SDPA)", ("scaled_dot_product",)),
+    ("optimizer update", ("lerp",)),
+    ("log-softmax / loss", ("log_softmax",)),
+    ("other fused kernels", ("graph_",)),
+]
+
+
+def profile(config_name: str, steps: int = 3) -> dict:
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    inductor_config.cpp.enable_kernel_profile = True  # one profiler row per generated kernel
+    config, batch_size = CONFIGS[config_name]
+    step = build("d", config, batch_size)
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    wall = (time.perf_counter() - start) / steps
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.key.startswith("## Call") or "Compiled Region" in event.key:
+            continue
+        category = next((c for c, keys in CATEGORIES if any(k in event.key for k in keys)), "everything else")
+        totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total / 1e6 / steps
+    return {"wall_s": wall, "totals": totals, "flops": step_flops(config, batch_size),
+            "peak": matmul_peak_flops()}
+
+
+def compile_split(config_name: str) -> dict:
+    import torch
+
+    config, batch_size = CONFIGS[config_name]
+    step = build("d", config, batch_size)
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    rows = dict(line.rsplit(", ", 1) for line in
+                torch._dynamo.utils.compile_times(repr="str", aggregate=True).splitlines() if ", " in line)
+
+    def seconds(key):
+        return float(rows.get(key, 0.0))
+
+    # nested timers: compile_inner > call_user_compiler > create_aot_dispatcher_function > fw_compiler_base
+    total, backend = seconds("_compile.compile_inner"), seconds("OutputGraph.call_user_compiler")
+    aot, inductor = seconds("create_aot_dispatcher_function"), seconds("compile_fx.<locals>.fw_compiler_base")
+    return {"first_step_s": first, "dynamo_s": total - backend, "aot_s": aot - inductor, "inductor_s": inductor}
+
+
+def child(args, cache):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="seed,bench")
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, name = args.child
+        print(json.dumps(profile(name) if kind == "profile" else compile_split(name)))
+        return
+    lines = ["## Where the time goes (compiled step, variant d)", "", f"Machine: {machine()}", "",
+             f"Command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`", ""]
+    for name in args.configs.split(","):
+        with tempfile.TemporaryDirectory() as cache:
+            cold, warm = child(["compile", name], cache), child(["compile", name], cache)
+            prof = child(["profile", name], cache)
+        matmul = prof["totals"].get("matrix multiplies", 0.0)
+        lines += [f"### {name}", "",
+                  f"Step {prof['wall_s'] * 1e3:.0f} ms under the profiler; matmuls run at "
+                  f"{prof['flops'] / max(matmul, 1e-9) / 1e9:.0f} GFLOP/s of model FLOPs "
+                  f"(measured 1024x1024 float32 matmul peak {prof['peak'] / 1e9:.0f} GFLOP/s).", "",
+                  "| category | ms per step | share |", "|---|---|---|"]
+        total = sum(prof["totals"].values())
+        for category, seconds in sorted(prof["totals"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {category} | {seconds * 1e3:.1f} | {seconds / total:.0%} |")
+        lines += ["", "| compile | first step s | dynamo tracing s | AOTAutograd s | inductor s |",
+                  "|---|---|---|---|---|"]
+        for label, c in (("cold cache", cold), ("warm cache", warm)):
+            lines.append(f"| {label} | {c['first_step_s']:.1f} | {c['dynamo_s']:.1f} | {c['aot_s']:.1f} | "
+                         f"{c['inductor_s']:.1f} |")
+        lines.append("")
+    text = "\n".join(lines)
+    write_section(args.output, "profile", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

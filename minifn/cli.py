@@ -404,7 +404,7 @@ def train(**o):
             stop_requested=stop_requested)
     except Interrupted as e:
         if bar is not None:
-            bar.close()
+            bar.close()  # before the message, so the bar does not overwrite it
         if rank == 0:
             click.echo(f"Interrupted: checkpoint saved to {e.path}; run the same command again to resume.",
                        err=True)

@@ -308,11 +308,10 @@ def train(**o):
 
     from minifn import checkpoint as ckpt
     from minifn.loop import DataSpec, Interrupted, TrainingDiverged, fit, load_state
-    from minifn.losses import LOSSES
     from minifn.model import init_params, num_params
     from minifn.optim import current_lr
     from minifn.tokenizer import encode_file, load_tokenizer
-    from minifn.train import init_state, make_eval_step, make_train_step, optimizer_from_config
+    from minifn.train import init_state, loss_from_config, make_eval_step, make_train_step, optimizer_from_config
 
     if o["nproc"] > 1 and "LOCAL_RANK" not in os.environ:
         sys.exit(_launch(o["nproc"]))
@@ -381,7 +380,7 @@ def train(**o):
         distributed.broadcast_(state.params)  # every rank starts from rank 0's parameters
         all_reduce = distributed.all_reduce_sum_
 
-    loss_fn = LOSSES[train_config.criterion]
+    loss_fn = loss_from_config(train_config)
     step = make_train_step(model_config, optimizer, loss_fn, reduction=train_config.reduction,
                            autocast_dtype=autocast_dtype, compile=o["compile_mode"], device=device,
                            all_reduce=all_reduce)

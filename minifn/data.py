@@ -55,6 +55,15 @@ def window_tensors(tokens, seq_len: int, stride: int, pad_id: int = 0,
     return inputs.unfold(0, seq_len, stride), targets.unfold(0, seq_len, stride)
 
 
+def _top_up(x: Tensor, y: Tensor, batch_size: int, pad_id: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Fill a short batch to batch_size rows with padding whose targets the loss ignores."""
+    fill = batch_size - len(x)
+    if fill <= 0:
+        return x, y
+    return (torch.cat([x, torch.full((fill, x.shape[1]), pad_id, dtype=torch.long)]),
+            torch.cat([y, torch.full((fill, y.shape[1]), ignore_index, dtype=torch.long)]))
+
+
 def window_order(num: int, epoch: int, shuffle: bool, seed: int) -> Tensor:
     """Window indices for an epoch: in order, or a permutation keyed by (seed, epoch)."""
     if not shuffle:
@@ -77,12 +86,7 @@ def batches(tokens, seq_len: int, stride: int, batch_size: int, *, epoch: int = 
     global_batch = batch_size * world_size
     for b in range(start, num_batches(len(tokens), seq_len, stride, global_batch, drop_last)):
         rows = order[b * global_batch : (b + 1) * global_batch][rank * batch_size : (rank + 1) * batch_size]
-        x, y = inputs[rows], targets[rows]
-        if len(rows) < batch_size:  # top up with rows the loss ignores
-            fill = batch_size - len(rows)
-            x = torch.cat([x, torch.full((fill, seq_len), pad_id, dtype=torch.long)])
-            y = torch.cat([y, torch.full((fill, seq_len), ignore_index, dtype=torch.long)])
-        yield x, y
+        yield _top_up(inputs[rows], targets[rows], batch_size, pad_id, ignore_index)
 
 
 def eval_batches(tokens, seq_len: int, stride: int, batch_size: int, pad_id: int = 0,
@@ -93,9 +97,4 @@ def eval_batches(tokens, seq_len: int, stride: int, batch_size: int, pad_id: int
     targets = targets.clone()
     targets[1:, : seq_len - stride] = ignore_index
     for b in range(0, len(inputs), batch_size):
-        x, y = inputs[b : b + batch_size], targets[b : b + batch_size]
-        fill = batch_size - len(x)
-        if fill:
-            x = torch.cat([x, torch.full((fill, seq_len), pad_id, dtype=torch.long)])
-            y = torch.cat([y, torch.full((fill, seq_len), ignore_index, dtype=torch.long)])
-        yield x, y
+        yield _top_up(inputs[b : b + batch_size], targets[b : b + batch_size], batch_size, pad_id, ignore_index)

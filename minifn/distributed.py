@@ -27,10 +27,6 @@ class World:
     local_rank: int
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def launched() -> bool:
     """True inside a process started by torchrun (or anything that sets the same environment)."""

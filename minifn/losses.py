@@ -34,7 +34,7 @@ def _target_prob(logits, targets, ignore_index):
     return probs, p_target, targets != ignore_index
 
 
-def mse(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0):
+def mse(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean"):
     """Brier score: sum over the vocabulary of (softmax(logits) - one_hot(target))^2, per position.
 
     Computed as sum(p^2) - 2 p_target + 1, which never builds the [B, T, V] one-hot."""
@@ -42,7 +42,7 @@ def mse(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean", label_smoo
     return _reduce(probs.square().sum(-1) - 2 * p_target + 1, valid, reduction)
 
 
-def mae(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0):
+def mae(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean"):
     """L1 distance between softmax(logits) and one_hot(target), summed over the vocabulary: 2 (1 - p_target)."""
     _, p_target, valid = _target_prob(logits, targets, ignore_index)
     return _reduce(2 * (1 - p_target), valid, reduction)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from minifn import optim, schedules
 from minifn.config import ModelConfig, TrainConfig
-from minifn.losses import IGNORE_INDEX, Loss, cross_entropy
+from minifn.losses import IGNORE_INDEX, LOSSES, Loss, cross_entropy
 from minifn.model import Params, apply, skeleton
 
 Batch = tuple[Tensor, Tensor]  # (inputs, targets): [B, T], or [A, B, T] for A accumulation micro-batches
@@ -196,3 +196,10 @@ def optimizer_from_config(tc: TrainConfig) -> tuple[optim.GradientTransformation
     if tc.clip_grad > 0:
         tx = optim.chain(optim.clip_by_global_norm(tc.clip_grad), tx)
     return tx, schedule
+
+
+def loss_from_config(tc: TrainConfig) -> Loss:
+    """The criterion a TrainConfig names, with its label smoothing (cross-entropy only)."""
+    if tc.label_smoothing:
+        return functools.partial(cross_entropy, label_smoothing=tc.label_smoothing)
+    return LOSSES[tc.criterion]

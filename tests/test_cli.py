@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import ROOT
@@ -232,3 +233,26 @@ def test_plot_writes_a_png_or_says_what_is_missing(trained, tmp_path, monkeypatc
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     result = run("plot", ckpt.with_suffix(".metrics.jsonl"), "-o", out, ok=False)
     assert result.exit_code == 1 and "pip install 'minifn[plot]'" in result.output
+
+
+def test_label_smoothing_reaches_the_loss(story, tmp_path):
+    def first_loss(*flags):
+        ckpt = tmp_path / f"ls{len(flags)}.pt"
+        train(story, ckpt, "--num-epochs", 1, "--no-shuffle", *flags)
+        return json.loads(ckpt.with_suffix(".metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    plain, smoothed = first_loss(), first_loss("--label-smoothing", "0.2")
+    assert smoothed != pytest.approx(plain, rel=1e-4)  # same seed and batch: only the criterion differs
+
+
+def test_loss_from_config_applies_smoothing():
+    import torch.nn.functional as F
+
+    from minifn.config import TrainConfig
+    from minifn.losses import IGNORE_INDEX
+    from minifn.train import loss_from_config
+
+    logits, targets = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    loss = loss_from_config(TrainConfig(label_smoothing=0.3))(logits, targets)
+    want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=0.3, ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, want)

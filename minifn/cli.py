@@ -191,7 +191,7 @@ def _model_and_train_configs(o: dict, steps_per_epoch: int) -> tuple[ModelConfig
         nesterov=o["nesterov"], scheduler=o["scheduler"], gamma=o["gamma"], eta_min=o["eta_min"],
         start_factor=o["start_factor"], end_factor=o["end_factor"], warmup_steps=o["warmup_steps"],
         criterion=o["criterion"], reduction=o["reduction"], label_smoothing=o["label_smoothing"],
-        clip_grad=o["clip_grad"], grad_accum_steps=o["grad_accum_steps"], **in_steps)
+        dropout=o["dropout"], clip_grad=o["clip_grad"], grad_accum_steps=o["grad_accum_steps"], **in_steps)
     return model, train
 
 
@@ -285,6 +285,8 @@ def _reporter(verbose: bool, criterion: str, total_steps: int, show: bool = True
 @click.option("--end-factor", type=float, default=1.0, show_default=True)
 @click.option("--total-iters", type=click.IntRange(min=1), default=None, help="LinearLR length in epochs [num-epochs].")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--dropout", type=float, default=0.0, show_default=True,
+              help="Dropout on the embedding and every residual branch (keyed by --seed and the step).")
 @click.option("--num-layers", type=int, default=4, show_default=True)
 @click.option("--num-heads", type=int, default=8, show_default=True)
 @click.option("--head-dim", type=int, default=32, show_default=True)
@@ -355,7 +357,7 @@ def train(**o):
 
     path = Path(o["checkpoint_path"])
     ckpt.remove_stale_temporaries(path)
-    state = init_state(init_params(model_config, o["seed"], device=device), optimizer)
+    state = init_state(init_params(model_config, o["seed"], device=device), optimizer, seed=o["seed"])
     progress = None
     if path.exists() and not o["fresh"]:
         tensors, saved = ckpt.load(path)
@@ -382,8 +384,8 @@ def train(**o):
 
     loss_fn = loss_from_config(train_config)
     step = make_train_step(model_config, optimizer, loss_fn, reduction=train_config.reduction,
-                           autocast_dtype=autocast_dtype, compile=o["compile_mode"], device=device,
-                           all_reduce=all_reduce)
+                           autocast_dtype=autocast_dtype, dropout_rate=train_config.dropout,
+                           compile=o["compile_mode"], device=device, all_reduce=all_reduce, rank=rank)
     eval_step = (make_eval_step(model_config, loss_fn, autocast_dtype=autocast_dtype, compile=o["compile_mode"],
                                 device=device) if val_tokens is not None else None)
     say(f"Training {num_params(model_config) / 1e6:.2f}M parameters on {len(tokens)} tokens of {dataset} "

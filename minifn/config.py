@@ -113,6 +113,7 @@ class TrainConfig(_Dict):
     criterion: str = "cross_entropy"
     reduction: str = "mean"
     label_smoothing: float = 0.0
+    dropout: float = 0.0
     clip_grad: float = 0.0
     grad_accum_steps: int = 1
 
@@ -132,6 +133,8 @@ class TrainConfig(_Dict):
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.label_smoothing and self.criterion != "cross_entropy":
             raise ConfigError("label_smoothing applies to the cross_entropy criterion only")
         _positive("gamma", self.gamma, float)

@@ -72,7 +72,7 @@ class Progress:
 
 def save_state(path: Path, state: TrainState, progress: Progress, meta: dict) -> Path:
     tensors = {**checkpoint.flatten(state.params, "params"), **checkpoint.flatten(state.opt_state, "opt_state"),
-               "step": state.step}
+               "step": state.step, "rng": state.rng}
     return checkpoint.save(path, tensors, {**meta, "progress": asdict(progress)})
 
 
@@ -80,7 +80,7 @@ def load_state(tensors: dict[str, Tensor], meta: dict, template: TrainState) -> 
     """The state and progress stored in a loaded checkpoint, shaped and placed like template."""
     state = TrainState(checkpoint.unflatten(template.params, tensors, "params"),
                        checkpoint.unflatten(template.opt_state, tensors, "opt_state"),
-                       tensors["step"].to(template.step.device))
+                       tensors["step"].to(template.step.device), tensors["rng"].to(template.rng.device))
     return state, Progress(**meta["progress"])
 
 

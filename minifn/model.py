@@ -6,7 +6,8 @@ built once per config on the meta device, with `torch.func.functional_call`. No 
 any tree with the same names and shapes can be passed in, which is what swapping and vmap rely on.
 
 Architecture: token embedding -> N x [RMSNorm -> causal attention with rotary positions -> residual,
-RMSNorm -> SwiGLU -> residual] -> RMSNorm -> head (optionally tied to the embedding).
+RMSNorm -> SwiGLU -> residual] -> RMSNorm -> head (optionally tied to the embedding). Training may pass
+a dropout rate and an RNG key (see `dropout`): the embedding and each residual branch are dropped out.
 Shapes: B batch, T time, D embed_dim, H heads, K head_dim, F ff_dim, V vocab_size.
 """
 
@@ -25,6 +26,31 @@ from minifn.config import ModelConfig
 Params = dict[str, Tensor]
 # Per layer (keys, values), each [B, H, T_max, K]; preallocated and threaded through, never hidden.
 KVCache = list[tuple[Tensor, Tensor]]
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (works on ints and int64 tensors; products stay below 2**59, so no overflow)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def fold_in(key: Tensor, data) -> Tensor:
+    """A new 32-bit key from a key and an integer (a step, a layer, a rank), as jax.random.fold_in."""
+    return _mix32(key ^ _mix32(data & _M32))
+
+
+def dropout(x: Tensor, rate: float, key: Tensor | None) -> Tensor:
+    """Inverted dropout whose mask is a hash of (key, element index): a pure function of its inputs,
+    bit-identical eager and compiled, so a run with dropout resumes exactly. Identity without a key."""
+    if key is None or rate == 0.0:
+        return x
+    index = torch.arange(x.numel(), device=x.device).view(x.shape)
+    keep = _mix32(index ^ _mix32(key)) >= int(rate * 2**32)
+    return x * keep / (1.0 - rate)
 
 
 def rotary_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -90,10 +116,10 @@ class Block(nn.Module):
         self.ff_norm = RMSNorm(c.embed_dim, c.eps)
         self.ff = SwiGLU(c)
 
-    def forward(self, x, cos, sin, kv=None, positions=None):
+    def forward(self, x, cos, sin, kv=None, positions=None, rate=0.0, key=None):
         h, kv = self.attn(self.attn_norm(x), cos, sin, kv, positions)
-        x = x + h
-        return x + self.ff(self.ff_norm(x)), kv
+        x = x + dropout(h, rate, None if key is None else fold_in(key, 1))
+        return x + dropout(self.ff(self.ff_norm(x)), rate, None if key is None else fold_in(key, 2)), kv
 
 
 class Transformer(nn.Module):
@@ -107,16 +133,18 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(c.embed_dim, c.eps)
         self.head = None if c.tie_embeddings else nn.Linear(c.embed_dim, c.vocab_size, bias=False)
 
-    def forward(self, tokens_BT: Tensor, cache: KVCache | None = None, pos: Tensor | None = None):
+    def forward(self, tokens_BT: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
+                dropout_rate: float = 0.0, key: Tensor | None = None):
         c = self.config
         positions = torch.arange(tokens_BT.shape[1], device=tokens_BT.device)
         if pos is not None:
             positions = positions + pos
         cos, sin = rotary_angles(positions, c.head_dim, c.rope_theta)
-        x = self.embed(tokens_BT)
+        x = dropout(self.embed(tokens_BT), dropout_rate, key)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, cos, sin, None if cache is None else cache[i], positions)
+            x, kv = block(x, cos, sin, None if cache is None else cache[i], positions,
+                          dropout_rate, None if key is None else fold_in(key, i + 1))
             new_cache.append(kv)
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
@@ -137,9 +165,11 @@ def skeleton(config: ModelConfig) -> Transformer:
     return _SKELETONS[config]
 
 
-def apply(params: Params, tokens_BT: Tensor, config: ModelConfig) -> Tensor:
-    """Logits [B, T, V] for token ids [B, T]; pure in params and tokens."""
-    return functional_call(skeleton(config), params, (tokens_BT,), strict=True)
+def apply(params: Params, tokens_BT: Tensor, config: ModelConfig, *, dropout_rate: float = 0.0,
+          key: Tensor | None = None) -> Tensor:
+    """Logits [B, T, V] for token ids [B, T]; pure in params, tokens and key (dropout only with a key)."""
+    kwargs = {"dropout_rate": dropout_rate, "key": key} if key is not None and dropout_rate else {}
+    return functional_call(skeleton(config), params, (tokens_BT,), kwargs, strict=True)
 
 
 def apply_cached(params: Params, tokens_BT: Tensor, config: ModelConfig, cache: KVCache, pos: Tensor):

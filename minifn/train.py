@@ -3,7 +3,8 @@
 `train_step` computes the loss and gradients with `torch.func.grad_and_value` over the parameter
 tree, sums them over gradient-accumulation micro-batches, and applies the stateless optimizer. The
 state is data (a NamedTuple of trees and 0-D tensors), so a research script can call the step in a
-loop, checkpoint the state as tensors, or swap parameter trees in and out.
+loop, checkpoint the state as tensors, or swap parameter trees in and out. Randomness (dropout) is
+keyed JAX-style: each step folds its step number into the state's key, so nothing hidden changes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 from minifn import optim, schedules
 from minifn.config import ModelConfig, TrainConfig
 from minifn.losses import IGNORE_INDEX, LOSSES, Loss, cross_entropy
-from minifn.model import Params, apply, skeleton
+from minifn.model import Params, apply, fold_in, skeleton
 
 Batch = tuple[Tensor, Tensor]  # (inputs, targets): [B, T], or [A, B, T] for A accumulation micro-batches
 
@@ -30,38 +31,42 @@ class TrainState(NamedTuple):
     params: Params
     opt_state: Any
     step: Tensor  # 0-D int64: optimizer steps taken
+    rng: Tensor  # 0-D int64 key (32 bits); step k draws from fold_in(rng, k)
 
 
-def init_state(params: Params, optimizer: optim.GradientTransformation) -> TrainState:
+def init_state(params: Params, optimizer: optim.GradientTransformation, seed: int = 0) -> TrainState:
     device = next(iter(params.values())).device
-    return TrainState(params, optimizer.init(params), torch.zeros((), dtype=torch.int64, device=device))
+    return TrainState(params, optimizer.init(params), torch.zeros((), dtype=torch.int64, device=device),
+                      torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
 
 
 def _autocast(device_type: str, dtype: torch.dtype | None):
     return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def _summed_loss(params, inputs, targets, config, loss_fn, autocast_dtype):
+def _summed_loss(params, inputs, targets, config, loss_fn, autocast_dtype, dropout_rate, key):
     """The loss summed over target tokens (differentiated), twice: as output and as auxiliary value."""
     with _autocast(inputs.device.type, autocast_dtype):
-        logits = apply(params, inputs, config)
+        logits = apply(params, inputs, config, dropout_rate=dropout_rate, key=key)
     total = loss_fn(logits, targets, reduction="sum")
     return total, total.detach()
 
 
-def loss_and_grads(params: Params, batch: Batch, *, config: ModelConfig, loss_fn: Loss = cross_entropy,
-                   autocast_dtype: torch.dtype | None = None) -> tuple[Params, Tensor, Tensor]:
+def loss_and_grads(params: Params, batch: Batch, key: Tensor | None = None, *, config: ModelConfig,
+                   loss_fn: Loss = cross_entropy, autocast_dtype: torch.dtype | None = None,
+                   dropout_rate: float = 0.0) -> tuple[Params, Tensor, Tensor]:
     """(gradients of the summed loss, summed loss, target count) over all micro-batches of batch.
 
     Sums, not means: they add up exactly across micro-batches and across data-parallel ranks, and
-    apply_gradients divides once by the global count."""
+    apply_gradients divides once by the global count. Micro-batch a drops out with fold_in(key, a)."""
     inputs, targets = batch
     if inputs.ndim == 2:
         inputs, targets = inputs[None], targets[None]
     grad_fn = torch.func.grad_and_value(_summed_loss, has_aux=True)
     grads, loss_sum = None, 0.0
-    for x, y in zip(inputs.unbind(0), targets.unbind(0)):  # A is static: unrolled under compile
-        g, (_, total) = grad_fn(params, x, y, config, loss_fn, autocast_dtype)
+    for a, (x, y) in enumerate(zip(inputs.unbind(0), targets.unbind(0))):  # A is static: unrolled when compiled
+        micro_key = None if key is None or not dropout_rate else fold_in(key, a)
+        g, (_, total) = grad_fn(params, x, y, config, loss_fn, autocast_dtype, dropout_rate, micro_key)
         grads = g if grads is None else optree.tree_map(torch.add, grads, g)
         loss_sum = loss_sum + total
     return grads, loss_sum, (targets != IGNORE_INDEX).sum()
@@ -80,18 +85,24 @@ def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: 
         params = optim.assign_(state.params, params)
         opt_state = optim.assign_(state.opt_state, opt_state)
     metrics = {"loss": loss_sum / count, "grad_norm": optim.global_norm(grads), "tokens": tokens}
-    return TrainState(params, opt_state, state.step + 1), metrics
+    return TrainState(params, opt_state, state.step + 1, state.rng), metrics
+
+
+def step_key(state: TrainState) -> Tensor:
+    """The RNG key of the step about to be taken."""
+    return fold_in(state.rng, state.step)
 
 
 def train_step(state: TrainState, batch: Batch, *, config: ModelConfig, optimizer: optim.GradientTransformation,
                loss_fn: Loss = cross_entropy, reduction: str = "mean", autocast_dtype: torch.dtype | None = None,
-               inplace: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
+               dropout_rate: float = 0.0, inplace: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
     """One optimizer step. Metrics: loss (mean per target token), grad_norm, tokens (targets counted).
 
     inplace=True writes the new parameters and optimizer state into the input tensors (the same
     values, bit for bit) so a compiled step keeps one copy of each tree."""
-    grads, loss_sum, tokens = loss_and_grads(state.params, batch, config=config, loss_fn=loss_fn,
-                                             autocast_dtype=autocast_dtype)
+    key = step_key(state) if dropout_rate else None
+    grads, loss_sum, tokens = loss_and_grads(state.params, batch, key, config=config, loss_fn=loss_fn,
+                                             autocast_dtype=autocast_dtype, dropout_rate=dropout_rate)
     return apply_gradients(state, grads, loss_sum, tokens, optimizer=optimizer, reduction=reduction, inplace=inplace)
 
 
@@ -150,26 +161,29 @@ def maybe_compile(fn: Callable, mode: str, device: torch.device) -> Callable:
 
 
 def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation, loss_fn: Loss = cross_entropy,
-                    *, reduction: str = "mean", autocast_dtype: torch.dtype | None = None, inplace: bool = False,
-                    compile: str = "auto", device: torch.device | str = "cpu",
-                    all_reduce: Callable[[list[Tensor]], None] | None = None):
+                    *, reduction: str = "mean", autocast_dtype: torch.dtype | None = None, dropout_rate: float = 0.0,
+                    inplace: bool = False, compile: str = "auto", device: torch.device | str = "cpu",
+                    all_reduce: Callable[[list[Tensor]], None] | None = None, rank: int = 0):
     """train_step bound to a config, optimizer and loss, compiled per `compile` (auto/on/off).
 
     With all_reduce (data parallel: sums a list of tensors across ranks in place), the step is two
-    compiled halves with the collective between them, outside the compiled graphs."""
+    compiled halves with the collective between them, outside the compiled graphs; each rank folds
+    its rank into the step's key, so ranks draw different dropout masks."""
     skeleton(config)  # build the module skeleton outside any compiled region
     device = torch.device(device)
     if all_reduce is None:
-        step = functools.partial(train_step, config=config, optimizer=optimizer, loss_fn=loss_fn,
-                                 reduction=reduction, autocast_dtype=autocast_dtype, inplace=inplace)
+        step = functools.partial(train_step, config=config, optimizer=optimizer, loss_fn=loss_fn, reduction=reduction,
+                                 autocast_dtype=autocast_dtype, dropout_rate=dropout_rate, inplace=inplace)
         return maybe_compile(step, compile, device)
     grads_fn = maybe_compile(functools.partial(loss_and_grads, config=config, loss_fn=loss_fn,
-                                               autocast_dtype=autocast_dtype), compile, device)
+                                               autocast_dtype=autocast_dtype, dropout_rate=dropout_rate),
+                             compile, device)
     apply_fn = maybe_compile(functools.partial(apply_gradients, optimizer=optimizer, reduction=reduction,
                                                inplace=inplace), compile, device)
 
     def data_parallel_step(state: TrainState, batch: Batch):
-        grads, loss_sum, tokens = grads_fn(state.params, batch)
+        key = fold_in(step_key(state), rank) if dropout_rate else None
+        grads, loss_sum, tokens = grads_fn(state.params, batch, key)
         all_reduce([*optree.tree_leaves(grads), loss_sum, tokens])
         return apply_fn(state, grads, loss_sum, tokens)
 

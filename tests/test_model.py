@@ -6,7 +6,7 @@ from torch.func import functional_call
 
 from conftest import tiny_config
 from minifn.config import ConfigError, ModelConfig
-from minifn.model import apply, init_params, num_params
+from minifn.model import apply, dropout, fold_in, init_params, num_params
 from minifn.reference import ReferenceTransformer
 
 
@@ -93,3 +93,32 @@ def test_config_round_trips_and_names_differences():
     assert config.diff(tiny_config()) == ["bias: True != False"]
     with pytest.raises(ConfigError, match="unknown ModelConfig fields: colour"):
         ModelConfig.from_dict({**config.to_dict(), "colour": "red"})
+
+
+def test_dropout_mask_rate_scale_and_determinism():
+    x = torch.ones(200, 500)
+    key = torch.tensor(int(torch.randint(0, 2**32, ())))
+    y = dropout(x, 0.3, key)
+    assert abs((y == 0).float().mean().item() - 0.3) < 0.01  # 100k draws: 5 sigma is 0.007
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))  # inverted: E[y] = x
+    assert torch.equal(dropout(x, 0.3, key), y) and not torch.equal(dropout(x, 0.3, fold_in(key, 1)), y)
+    assert dropout(x, 0.3, None) is x and dropout(x, 0.0, key) is x
+    masks = torch.stack([dropout(x[0], 0.5, fold_in(key, s)) == 0 for s in range(64)])
+    assert masks.float().mean(0).std() < 0.1  # every position is dropped about half the time (std 0.0625)
+
+
+@pytest.mark.slow
+def test_dropout_is_bit_identical_compiled():
+    x, key = torch.randn(4, 16, 32), torch.tensor(12345)
+    compiled = torch.compile(dropout, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(x, 0.2, key), dropout(x, 0.2, key))
+
+
+def test_apply_drops_out_only_with_a_key(tiny):
+    params = perturbed(init_params(tiny, seed=1))
+    tokens = torch.randint(0, tiny.vocab_size, (2, tiny.max_seq_len))
+    plain = apply(params, tokens, tiny)
+    torch.testing.assert_close(apply(params, tokens, tiny, dropout_rate=0.5), plain, rtol=0, atol=0)
+    a, b = (apply(params, tokens, tiny, dropout_rate=0.5, key=torch.tensor(k)) for k in (1, 2))
+    assert not torch.allclose(a, plain) and not torch.allclose(a, b)
+    torch.testing.assert_close(apply(params, tokens, tiny, dropout_rate=0.5, key=torch.tensor(1)), a, rtol=0, atol=0)

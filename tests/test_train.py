@@ -100,12 +100,28 @@ def test_clipping_and_bf16_autocast_run_and_learn():
     assert all(v.dtype == torch.float32 for v in state.params.values())
 
 
+def test_dropout_draws_from_the_state_key_and_the_step():
+    sgd = optim.sgd(lr=0.1)
+    batch = next(batches(random_tokens(), 16, 8, 4))
+    params = init_params(CONFIG, 0)
+
+    def one_step(seed, dropout_rate, step=0):
+        state = init_state(params, sgd, seed=seed)._replace(step=torch.tensor(step))
+        return train_step(state, batch, config=CONFIG, optimizer=sgd, dropout_rate=dropout_rate)[1]["loss"]
+
+    assert torch.equal(one_step(1, 0.0), one_step(2, 0.0))  # no dropout: the key is unused
+    assert torch.equal(one_step(1, 0.2), one_step(1, 0.2))
+    assert not torch.equal(one_step(1, 0.2), one_step(2, 0.2))
+    assert not torch.equal(one_step(1, 0.2), one_step(1, 0.2, step=1))
+    assert not torch.equal(one_step(1, 0.2), one_step(1, 0.0))
+
+
 def _run(tmp_path, name, stop_after=None, progress=None, state=None):
     spec = DataSpec(seq_len=16, stride=8, batch_size=3, grad_accum_steps=2, shuffle=True, seed=5)
     tokens = torch.arange(300) % CONFIG.vocab_size
     tx = optim.adamw(lr=1e-2, schedule=lambda s, lr: lr * 0.99 ** s.to(lr.dtype))
-    state = state or init_state(init_params(CONFIG, 0), tx)
-    step = make_train_step(CONFIG, tx, compile="off")
+    state = state or init_state(init_params(CONFIG, 0), tx, seed=7)
+    step = make_train_step(CONFIG, tx, dropout_rate=0.1, compile="off")  # resume must restore the RNG too
     calls = iter(range(10**6))
     stop = (lambda: signal.SIGINT if next(calls) == stop_after else None) if stop_after is not None else (lambda: None)
     path = tmp_path / f"{name}.pt"
@@ -120,7 +136,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, stop_after):
     uninterrupted, _, tx = _run(tmp_path, "full")
     with pytest.raises(Interrupted) as stopped:
         _run(tmp_path, "cut", stop_after=stop_after)
-    template = init_state(init_params(CONFIG, 1), tx)
+    template = init_state(init_params(CONFIG, 1), tx, seed=99)  # every leaf must come from the checkpoint
     state, progress = load_state(*checkpoint.load(stopped.value.path), template)
     assert 0 < int(state.step) < int(uninterrupted.step)
     resumed, _, _ = _run(tmp_path, "cut", progress=progress, state=state)

@@ -79,6 +79,7 @@ BAD_INPUTS = [
     (train_with("--embed-dim", "-3"), 1, "embed_dim must be positive"),
     (train_with("--head-dim", "7"), 1, "head_dim must be even for rotary embeddings"),
     (train_with("--weight-decay", "nan"), 1, "weight_decay must be zero or positive"),
+    (train_with("--dropout", "1"), 1, "dropout must be in [0, 1)"),
     (train_with("--optimizer", "lion"), 2, "'lion' is not one of 'adam', 'adamw', 'sgd'"),
     (train_with("--scheduler", "onecycle"), 2, "is not one of 'none', 'step', 'cosine', 'linear'"),
     (train_with("--criterion", "hinge"), 2, "is not one of 'cross_entropy', 'mse', 'mae'"),

@@ -1,176 +1,28 @@
-"""The `minifn` command line: a Click group over the pure core. I/O, devices and errors live here.
-
-Every option can also come from a TOML file (`--config FILE`, keys as option names with underscores)
-or from the environment as MINIFN_<COMMAND>_<OPTION>, e.g. MINIFN_TRAIN_LR=3e-4.
-"""
+"""`minifn train`: the flags, resuming, progress output, signals and data-parallel launch."""
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import signal
 import sys
-import traceback
 import warnings
 from pathlib import Path
 
 import click
 
+from minifn.cli.base import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_DATASET,
+    UserError,
+    bundled,
+    cli,
+    load_config_file,
+    one_line_errors,
+    resolve_device,
+    resolve_dtype,
+)
 from minifn.config import CRITERIA, OPTIMIZERS, REDUCTIONS, SCHEDULERS, ModelConfig, TrainConfig
-
-DEFAULT_DATASET = "data/lighthouse.txt"
-DEFAULT_CHECKPOINT = "checkpoints/mini.pt"
-
-
-class UserError(click.ClickException):
-    """A mistake the user can fix: printed as one 'Error: ...' line, exit status 1."""
-
-
-def _one_line_errors(fn):
-    """Turn the library's validation errors into one-line messages (--verbose adds the traceback)."""
-    from minifn.checkpoint import CheckpointError
-    from minifn.config import ConfigError
-    from minifn.tokenizer import TokenizerError
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, TokenizerError, CheckpointError, ValueError, OSError, RuntimeError, MemoryError) as e:
-            if kwargs.get("verbose"):
-                traceback.print_exc()
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(message) from None
-
-    return wrapper
-
-
-def _load_config_file(ctx, param, value):
-    """--config FILE: a TOML table of option defaults (command-line flags still win)."""
-    if value is None:
-        return None
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        with open(value, "rb") as f:
-            table = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise click.BadParameter(f"cannot read {value}: {e}") from None
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(k.replace("-", "_") for k in table) - known)
-    if unknown:
-        raise click.BadParameter(f"{value} has unknown keys: {', '.join(unknown)}")
-    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in table.items()}}
-    return value
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device):
-    import torch
-
-    if name == "float32":
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("this GPU has no bfloat16 support; use --dtype float32")
-    return torch.bfloat16
-
-
-def _bundled(path: str) -> str:
-    """A default data path relative to the working directory, else to the source checkout."""
-    if Path(path).exists():
-        return path
-    candidate = Path(__file__).resolve().parents[1] / path
-    return str(candidate) if candidate.exists() else path
-
-
-class OneLineErrors(click.Group):
-    """Usage mistakes print as one 'Error: ...' line (exit 2), without Click's usage block."""
-
-    def main(self, *args, standalone_mode=True, **kwargs):
-        try:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(130)
-        except click.ClickException as e:
-            click.echo(f"Error: {e.format_message()}", err=True)
-            sys.exit(e.exit_code)
-
-
-@click.group(cls=OneLineErrors,
-             context_settings={"auto_envvar_prefix": "MINIFN", "help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="minifn")
-def cli():
-    """minifn: pure-functional language-model training on torch.func and torch.compile."""
-
-
-# --------------------------------------------------------------------------------------- tokenize
-
-
-@cli.command()
-@click.option("--model", "--processor", "model", default="mistral", show_default=True,
-              help="SentencePiece model file, or 'mistral' for the bundled default.")
-@click.option("--input", "input_path", required=True, help="Text file to tokenize.")
-@click.option("--output", default=None, help="Write the ids here (.npy, or one id per line otherwise).")
-@click.option("--show", default=20, show_default=True, type=click.IntRange(min=0), help="How many tokens to show.")
-@_one_line_errors
-def tokenize(model, input_path, output, show):
-    """Tokenize a text file and report what the model sees."""
-    import numpy as np
-
-    from minifn.tokenizer import encode_file, load_tokenizer, read_text
-
-    tok = load_tokenizer(model)
-    encoded = encode_file(tok, input_path)
-    ids = encoded.ids
-    click.echo(f"Vocabulary size: {tok.vocab_size}")
-    click.echo(f"Tokens: {len(ids)} ({'cached, ' if encoded.cached else ''}{encoded.seconds:.2f} s)")
-    click.echo(f"First {min(show, len(ids))} ids: {ids[:show].tolist()}")
-    click.echo(f"First {min(show, len(ids))} pieces: {[tok.piece(i) for i in ids[:show]]}")
-    click.echo(f"Round trip: {'ok' if tok.decode(ids) == read_text(input_path) else 'differs'}")
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        if output.endswith(".npy"):
-            np.save(output, ids)
-        else:
-            Path(output).write_text("\n".join(map(str, ids.tolist())) + "\n")
-        click.echo(f"Wrote {len(ids)} ids to {output}")
-
-
-@cli.group()
-def tokenizer():
-    """Tokenizer tools."""
-
-
-@tokenizer.command("train")
-@click.option("--input", "inputs", multiple=True, required=True, help="Text file(s) to learn from.")
-@click.option("--vocab-size", type=click.IntRange(min=8), required=True)
-@click.option("--model-type", type=click.Choice(["bpe", "unigram"]), default="bpe", show_default=True)
-@click.option("--output", required=True, help="Where to write the .model file.")
-@_one_line_errors
-def tokenizer_train(inputs, vocab_size, model_type, output):
-    """Train a SentencePiece model (byte fallback, so any text encodes)."""
-    from minifn.tokenizer import load_tokenizer, train_tokenizer
-
-    path = train_tokenizer(list(inputs), vocab_size, output, model_type)
-    click.echo(f"Wrote {path} ({load_tokenizer(path).vocab_size} pieces)")
-
-
-# ------------------------------------------------------------------------------------------ train
 
 
 def _model_and_train_configs(o: dict, steps_per_epoch: int) -> tuple[ModelConfig, TrainConfig]:
@@ -244,7 +96,7 @@ def _reporter(verbose: bool, criterion: str, total_steps: int, show: bool = True
 
 
 @cli.command()
-@click.option("--config", callback=_load_config_file, is_eager=True, expose_value=False,
+@click.option("--config", callback=load_config_file, is_eager=True, expose_value=False,
               type=click.Path(dir_okay=False), help="TOML file of option defaults.")
 @click.option("--dataset", default=DEFAULT_DATASET, show_default=True, help="Plain-text training data.")
 @click.option("--processor", "--tokenizer", "processor", default="mistral", show_default=True,
@@ -303,7 +155,7 @@ def _reporter(verbose: bool, criterion: str, total_steps: int, show: bool = True
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes, launched through torch.distributed.run (same as torchrun).")
 @click.option("--verbose", is_flag=True, help="Per-batch lines, and tracebacks with errors.")
-@_one_line_errors
+@one_line_errors
 def train(**o):
     """Train a transformer on a text file; rerun the same command to resume."""
     import torch
@@ -328,9 +180,11 @@ def train(**o):
     rank, world_size = (world.rank, world.world_size) if world else (0, 1)
     say = click.echo if rank == 0 else (lambda *a, **k: None)
     autocast_dtype = resolve_dtype(o["dtype"], device)
-    dataset = _bundled(o["dataset"])
+    dataset = bundled(o["dataset"])
     tok = load_tokenizer(o["processor"])
     encoded = encode_file(tok, dataset)
+    say(f"Tokenized {dataset}: {len(encoded.ids)} tokens in {encoded.seconds:.2f} s"
+        f"{' (from the cache)' if encoded.cached else ''}")
     tokens = torch.from_numpy(encoded.ids.astype("int64"))
     val_tokens = None
     if o["val_fraction"] > 0:
@@ -467,121 +321,3 @@ def _check_writable(path: Path):
     except OSError as e:
         raise UserError(f"cannot write checkpoints to {path.parent} ({e.strerror})") from None
 
-
-# ------------------------------------------------------------------------- generate, eval, plot
-
-
-def _load_model(path: str, device):
-    """(params, model config, tokenizer, meta) from a training checkpoint; the tokenizer must be the one
-    the model was trained with (checked by sha256)."""
-    from minifn.checkpoint import CheckpointError, load
-    from minifn.model import skeleton
-    from minifn.tokenizer import load_tokenizer
-
-    tensors, meta = load(path)
-    try:
-        config = ModelConfig.from_dict(meta["model_config"])
-        tok_name, tok_sha = meta["tokenizer"]["name"], meta["tokenizer"]["sha256"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} has no usable model config ({e})") from None
-    params = {k.removeprefix("params."): v.to(device) for k, v in tensors.items() if k.startswith("params.")}
-    expected = {name: tuple(p.shape) for name, p in skeleton(config).named_parameters()}
-    if {k: tuple(v.shape) for k, v in params.items()} != expected:
-        raise CheckpointError(f"checkpoint {path} holds parameters that do not fit its own model config")
-    tok = load_tokenizer(tok_name)
-    if tok.sha256 != tok_sha:
-        raise CheckpointError(f"tokenizer {tok_name} is not the one {path} was trained with (sha256 differs)")
-    return params, config, tok, meta
-
-
-@cli.command()
-@click.option("--model", "checkpoint_path", default=DEFAULT_CHECKPOINT, show_default=True, help="Checkpoint.")
-@click.option("--prompt", required=True, help="Text to continue; '-' reads it from stdin.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: no top-k filter.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--greedy", is_flag=True, help="Always take the most likely token (temperature 0).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="off",
-              show_default=True, help="Compile the decode step (pays off for long generations).")
-@click.option("--verbose", is_flag=True)
-@_one_line_errors
-def generate(checkpoint_path, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, greedy, seed,
-             device, compile_mode, verbose):
-    """Continue a prompt with a trained model, streaming text as it is produced."""
-    import torch
-
-    from minifn.generate import TextStream, make_decode_step
-    from minifn.generate import generate as generate_ids
-
-    device = resolve_device(device)
-    params, config, tok, _ = _load_model(checkpoint_path, device)
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    prompt_ids = tok.encode(prompt)
-    stream = TextStream(tok.decode, prompt_ids)
-    click.echo(prompt, nl=False)
-    count, last = 0, None
-    for last in generate_ids(params, prompt_ids, config, max_new_tokens=max_tokens,
-                             decode=make_decode_step(config, compile_mode, device), eos_id=tok.eos_id,
-                             generator=torch.Generator(device).manual_seed(seed),
-                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=repetition_penalty):
-        count += 1
-        if last != tok.eos_id:
-            click.echo(stream.push(last), nl=False)
-    click.echo()
-    if last != tok.eos_id and count < max_tokens:
-        click.echo(f"(stopped at the model's context length of {config.max_seq_len} tokens)", err=True)
-
-
-@cli.command("eval")
-@click.option("--model", "checkpoint_path", default=DEFAULT_CHECKPOINT, show_default=True, help="Checkpoint.")
-@click.option("--dataset", required=True, help="Plain-text file to evaluate on.")
-@click.option("--batch-stride", type=click.IntRange(min=1), default=None, help="Window stride [max-seq-len / 2].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--verbose", is_flag=True)
-@_one_line_errors
-def evaluate(checkpoint_path, dataset, batch_stride, batch_size, device, verbose):
-    """Cross-entropy, perplexity and bits per byte of a checkpoint on a text file."""
-    import torch
-
-    from minifn.loop import DataSpec
-    from minifn.loop import evaluate as evaluate_tokens
-    from minifn.tokenizer import encode_file, read_text
-    from minifn.train import make_eval_step
-
-    device = resolve_device(device)
-    params, config, tok, _ = _load_model(checkpoint_path, device)
-    tokens = torch.from_numpy(encode_file(tok, dataset).ids.astype("int64"))
-    if len(tokens) < 2:
-        raise UserError(f"dataset {dataset} has {len(tokens)} token(s); evaluation needs at least 2")
-    stride = batch_stride or max(1, config.max_seq_len // 2)
-    if stride > config.max_seq_len:
-        raise UserError(f"--batch-stride {stride} is larger than the model's context {config.max_seq_len}")
-    spec = DataSpec(config.max_seq_len, stride, batch_size, pad_id=tok.pad_id)
-    loss, count = evaluate_tokens(make_eval_step(config, compile="off"), params, tokens, spec, device)
-    num_bytes = len(read_text(dataset).encode("utf-8"))
-    click.echo(f"Cross-entropy: {loss:.4f} nats/token")
-    click.echo(f"Perplexity: {math.exp(min(loss, 700)):.4f}")
-    click.echo(f"Bits per byte: {loss * count / math.log(2) / num_bytes:.4f}")
-    click.echo(f"Tokens evaluated: {count}")
-
-
-@cli.command()
-@click.argument("metrics", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", default="loss.png", show_default=True, help="PNG to write.")
-@_one_line_errors
-def plot(metrics, output):
-    """Plot the loss curve of a run's METRICS.jsonl against steps (with epoch ends marked)."""
-    from minifn.plot import plot_metrics
-
-    click.echo(f"Wrote {plot_metrics(metrics, output)}")
-
-
-def main():
-    cli()

@@ -1,0 +1,55 @@
+"""`minifn eval` (loss, perplexity and bits per byte on a text) and `minifn plot` (the loss curve)."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+from minifn.cli.base import DEFAULT_CHECKPOINT, UserError, cli, load_model, one_line_errors, resolve_device
+
+
+@cli.command("eval")
+@click.option("--model", "checkpoint_path", default=DEFAULT_CHECKPOINT, show_default=True, help="Checkpoint.")
+@click.option("--dataset", required=True, help="Plain-text file to evaluate on.")
+@click.option("--batch-stride", type=click.IntRange(min=1), default=None, help="Window stride [max-seq-len / 2].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--verbose", is_flag=True)
+@one_line_errors
+def evaluate(checkpoint_path, dataset, batch_stride, batch_size, device, verbose):
+    """Cross-entropy, perplexity and bits per byte of a checkpoint on a text file."""
+    import torch
+
+    from minifn.loop import DataSpec
+    from minifn.loop import evaluate as evaluate_tokens
+    from minifn.tokenizer import encode_file, read_text
+    from minifn.train import make_eval_step
+
+    device = resolve_device(device)
+    params, config, tok, _ = load_model(checkpoint_path, device)
+    tokens = torch.from_numpy(encode_file(tok, dataset).ids.astype("int64"))
+    if len(tokens) < 2:
+        raise UserError(f"dataset {dataset} has {len(tokens)} token(s); evaluation needs at least 2")
+    stride = batch_stride or max(1, config.max_seq_len // 2)
+    if stride > config.max_seq_len:
+        raise UserError(f"--batch-stride {stride} is larger than the model's context {config.max_seq_len}")
+    spec = DataSpec(config.max_seq_len, stride, batch_size, pad_id=tok.pad_id)
+    loss, count = evaluate_tokens(make_eval_step(config, compile="off"), params, tokens, spec, device)
+    num_bytes = len(read_text(dataset).encode("utf-8"))
+    click.echo(f"Cross-entropy: {loss:.4f} nats/token")
+    click.echo(f"Perplexity: {math.exp(min(loss, 700)):.4f}")
+    click.echo(f"Bits per byte: {loss * count / math.log(2) / num_bytes:.4f}")
+    click.echo(f"Tokens evaluated: {count}")
+
+
+@cli.command()
+@click.argument("metrics", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", default="loss.png", show_default=True, help="PNG to write.")
+@one_line_errors
+def plot(metrics, output):
+    """Plot the loss curve of a run's METRICS.jsonl against steps (with epoch ends marked)."""
+    from minifn.plot import plot_metrics
+
+    click.echo(f"Wrote {plot_metrics(metrics, output)}")
+

@@ -1,0 +1,54 @@
+"""`minifn generate`: stream a continuation of a prompt from a checkpoint."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from minifn.cli.base import DEFAULT_CHECKPOINT, cli, load_model, one_line_errors, resolve_device
+
+
+@cli.command()
+@click.option("--model", "checkpoint_path", default=DEFAULT_CHECKPOINT, show_default=True, help="Checkpoint.")
+@click.option("--prompt", required=True, help="Text to continue; '-' reads it from stdin.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: no top-k filter.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--greedy", is_flag=True, help="Always take the most likely token (temperature 0).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="off",
+              show_default=True, help="Compile the decode step (pays off for long generations).")
+@click.option("--verbose", is_flag=True)
+@one_line_errors
+def generate(checkpoint_path, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, greedy, seed,
+             device, compile_mode, verbose):
+    """Continue a prompt with a trained model, streaming text as it is produced."""
+    import torch
+
+    from minifn.generate import TextStream, make_decode_step
+    from minifn.generate import generate as generate_ids
+
+    device = resolve_device(device)
+    params, config, tok, _ = load_model(checkpoint_path, device)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    prompt_ids = tok.encode(prompt)
+    stream = TextStream(tok.decode, prompt_ids)
+    click.echo(prompt, nl=False)
+    count, last = 0, None
+    for last in generate_ids(params, prompt_ids, config, max_new_tokens=max_tokens,
+                             decode=make_decode_step(config, compile_mode, device), eos_id=tok.eos_id,
+                             generator=torch.Generator(device).manual_seed(seed),
+                             temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty):
+        count += 1
+        if last != tok.eos_id:
+            click.echo(stream.push(last), nl=False)
+    click.echo()
+    if last != tok.eos_id and count < max_tokens:
+        click.echo(f"(stopped at the model's context length of {config.max_seq_len} tokens)", err=True)
+

@@ -9,6 +9,7 @@ keyed JAX-style: each step folds its step number into the state's key, so nothin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import warnings
@@ -41,7 +42,9 @@ def init_state(params: Params, optimizer: optim.GradientTransformation, seed: in
 
 
 def _autocast(device_type: str, dtype: torch.dtype | None):
-    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    """Autocast to dtype, or no context at all: even a disabled autocast region in the graph makes
+    AOTAutograd's cache refuse it, and every process start would then redo AOTAutograd."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
 def _summed_loss(params, inputs, targets, config, loss_fn, autocast_dtype, dropout_rate, key):

@@ -23,9 +23,15 @@ def test_stack_and_unstack_are_inverse():
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_vmapped_ensemble_equals_each_member_trained_alone(compiled):
-    tx = optim.adamw(lr=1e-2, weight_decay=0.1)
+# Eager vmap does each member's arithmetic exactly, so AdamW must agree to float precision. Compiled,
+# inductor sums in another order; Adam's first steps are about lr * sign(g), so near-zero gradients whose
+# sign that noise flips move by a whole lr (heavy-tailed, up to 1e-4 per leaf seen). SGD is linear in the
+# gradient and keeps the noise at float level (2e-7 measured), so it is what makes the compiled check tight.
+@pytest.mark.parametrize("compiled,tx", [
+    (False, optim.adamw(lr=1e-2, weight_decay=0.1)),
+    pytest.param(True, optim.sgd(lr=0.5, momentum=0.9, weight_decay=0.1), marks=pytest.mark.slow),
+], ids=["eager-adamw", "compiled-sgd"])
+def test_vmapped_ensemble_equals_each_member_trained_alone(compiled, tx):
     K = 3
     members = [init_state(init_params(CONFIG, seed), tx) for seed in range(K)]
     data = [list(batches(torch.randint(0, CONFIG.vocab_size, (200,)), 16, 8, 4)) for _ in range(K)]
@@ -39,9 +45,6 @@ def test_vmapped_ensemble_equals_each_member_trained_alone(compiled):
         ensemble, metrics = step(ensemble, (xs, ys))
         members = [train_step(members[k], data[k][i], config=CONFIG, optimizer=tx)[0] for k in range(K)]
     assert metrics["loss"].shape == (K,)
-    # eager: the same arithmetic; compiled: inductor reorders reductions, which Adam's normalisation
-    # turns into relative differences of ~1e-5 after a few steps at lr 1e-2
-    tolerance = 1e-4 if compiled else 1e-5
     for alone, together in zip(members, unstack_trees(ensemble)):
         for a, b in zip(optree.tree_leaves(alone), optree.tree_leaves(together)):
-            assert ((a.float() - b.float()).norm() / a.float().norm().clamp(min=1e-12)).item() < tolerance
+            assert ((a.float() - b.float()).norm() / a.float().norm().clamp(min=1e-12)).item() < 1e-5

@@ -183,8 +183,6 @@ def train(**o):
     dataset = bundled(o["dataset"])
     tok = load_tokenizer(o["processor"])
     encoded = encode_file(tok, dataset)
-    say(f"Tokenized {dataset}: {len(encoded.ids)} tokens in {encoded.seconds:.2f} s"
-        f"{' (from the cache)' if encoded.cached else ''}")
     tokens = torch.from_numpy(encoded.ids.astype("int64"))
     val_tokens = None
     if o["val_fraction"] > 0:
@@ -242,8 +240,9 @@ def train(**o):
                            compile=o["compile_mode"], device=device, all_reduce=all_reduce, rank=rank)
     eval_step = (make_eval_step(model_config, loss_fn, autocast_dtype=autocast_dtype, compile=o["compile_mode"],
                                 device=device) if val_tokens is not None else None)
+    tokenized = "read from the token cache" if encoded.cached else f"tokenized in {encoded.seconds:.2f} s"
     say(f"Training {num_params(model_config) / 1e6:.2f}M parameters on {len(tokens)} tokens of {dataset} "
-        f"({steps_per_epoch} steps/epoch, {o['num_epochs']} epochs, device {device.type}, "
+        f"({tokenized}; {steps_per_epoch} steps/epoch, {o['num_epochs']} epochs, device {device.type}, "
         f"compile {o['compile_mode']})")
     if world:
         say(f"Data parallel: {world_size} processes; global batch {spec.batch_size} x {world_size} x "

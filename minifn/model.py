@@ -116,10 +116,11 @@ class Block(nn.Module):
         self.ff_norm = RMSNorm(c.embed_dim, c.eps)
         self.ff = SwiGLU(c)
 
-    def forward(self, x, cos, sin, kv=None, positions=None, rate=0.0, key=None):
+    def forward(self, x, cos, sin, kv=None, positions=None, dropout_rate=0.0, key=None):
         h, kv = self.attn(self.attn_norm(x), cos, sin, kv, positions)
-        x = x + dropout(h, rate, None if key is None else fold_in(key, 1))
-        return x + dropout(self.ff(self.ff_norm(x)), rate, None if key is None else fold_in(key, 2)), kv
+        x = x + dropout(h, dropout_rate, None if key is None else fold_in(key, 1))
+        ff = self.ff(self.ff_norm(x))
+        return x + dropout(ff, dropout_rate, None if key is None else fold_in(key, 2)), kv
 
 
 class Transformer(nn.Module):

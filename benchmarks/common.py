@@ -15,7 +15,7 @@ from minifn import ModelConfig, init_params, optim
 from minifn.reference import ReferenceTransformer
 from minifn.train import init_state, make_train_step
 
-# The tutorial's shape (untied head, as the original "Mini" had) and a wider one.
+# The tutorial's shape (untied head, as the original "Mini" had), a wider one, and a GPU-sized one.
 CONFIGS = {
     "seed": (ModelConfig(vocab_size=32000, embed_dim=256, num_layers=4, num_heads=8, head_dim=32, ff_dim=1024,
                          max_seq_len=128, tie_embeddings=False), 2),
@@ -23,6 +23,8 @@ CONFIGS = {
                           max_seq_len=256, tie_embeddings=False), 8),
     "tiny": (ModelConfig(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, head_dim=16, ff_dim=128,
                          max_seq_len=32, tie_embeddings=False), 2),
+    "large": (ModelConfig(vocab_size=32000, embed_dim=1024, num_layers=12, num_heads=16, head_dim=64, ff_dim=2816,
+                          max_seq_len=1024, tie_embeddings=False), 8),
 }
 LR, WEIGHT_DECAY = 1e-3, 0.01
 VARIANTS = {
@@ -34,18 +36,31 @@ VARIANTS = {
 }
 
 
+def bench_device() -> torch.device:
+    """MINIFN_BENCH_DEVICE (set by --device, inherited by the worker processes), else CUDA when present."""
+    name = os.environ.get("MINIFN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a timer measures the work and not its launch."""
+    if bench_device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def batch_for(config: ModelConfig, batch_size: int):
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, config.vocab_size, (batch_size, config.max_seq_len + 1), generator=g)
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    return tokens[:, :-1].contiguous().to(bench_device()), tokens[:, 1:].contiguous().to(bench_device())
 
 
 def build(variant: str, config: ModelConfig, batch_size: int):
     """A no-argument function that runs one training step of the variant (same params, same batch)."""
-    params = init_params(config, seed=0)
+    device = bench_device()
+    params = init_params(config, seed=0, device=device)
     x, y = batch_for(config, batch_size)
     if variant in ("a", "a_fused", "b"):
-        module = ReferenceTransformer(config)
+        module = ReferenceTransformer(config).to(device)
         module.load_state_dict(params)
         opt = torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=variant == "a_fused")
         forward = torch.compile(module) if variant == "b" else module
@@ -57,7 +72,8 @@ def build(variant: str, config: ModelConfig, batch_size: int):
 
         return step
     tx = optim.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
-    train_step = make_train_step(config, tx, compile="on" if variant == "d" else "off", inplace=variant == "d")
+    train_step = make_train_step(config, tx, compile="on" if variant == "d" else "off", inplace=variant == "d",
+                                 device=device)
     holder = [init_state(params, tx)]
 
     def step():
@@ -71,13 +87,16 @@ def median_seconds(fn, repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def matmul_peak_flops(n: int = 1024, repeats: int = 20) -> float:
     """Float32 matrix-multiply FLOP/s of this machine, measured now (the MFU denominator)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    if bench_device().type == "cuda":
+        n = max(n, 8192)  # a GPU needs a large product to reach its peak
+    a, b = torch.randn(n, n, device=bench_device()), torch.randn(n, n, device=bench_device())
     for _ in range(3):
         a @ b
     return 2 * n**3 / median_seconds(lambda: a @ b, repeats)
@@ -94,7 +113,10 @@ def step_flops(config: ModelConfig, batch_size: int) -> float:
     return (6 * matmul_params + attention) * tokens
 
 
-def peak_rss_mb() -> float:
+def peak_memory_mb() -> float:
+    """Peak memory of this process: the CUDA allocator's peak on a GPU, else the resident set size."""
+    if bench_device().type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -105,7 +127,8 @@ def machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    gpu = f", GPU {torch.cuda.get_device_name()}" if bench_device().type == "cuda" else ""
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}")
 
 

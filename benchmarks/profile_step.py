@@ -19,6 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+os.environ["MINIFN_BENCH_DEVICE"] = "cpu"  # a CPU benchmark: its categories are CPU kernels
 
 from common import CONFIGS, build, machine, matmul_peak_flops, step_flops, write_section  # noqa: E402
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+os.environ["MINIFN_BENCH_DEVICE"] = "cpu"  # a CPU benchmark: its trees and batches stay on the CPU
 
 from common import CONFIGS, batch_for, machine, median_seconds, write_section  # noqa: E402
 

@@ -1,7 +1,8 @@
 """Train-step benchmark: minifn's compiled functional step against plain PyTorch.
 
-    python benchmarks/train_step.py            # seed and bench configs, writes benchmarks/RESULTS.md
+    python benchmarks/train_step.py            # seed and bench configs (and large on a GPU), writes RESULTS.md
     python benchmarks/train_step.py --quick    # fewer steps
+    python benchmarks/train_step.py --device cuda --configs large
 
 Each variant runs twice in its own process with a fresh inductor cache (cold compile, step time,
 peak RSS), then again on the warm cache (warm compile). Because the machines are shared and noisy,
@@ -26,12 +27,14 @@ sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
     CONFIGS,
     VARIANTS,
+    bench_device,
     build,
     machine,
     matmul_peak_flops,
     median_seconds,
-    peak_rss_mb,
+    peak_memory_mb,
     step_flops,
+    sync,
     write_section,
 )
 
@@ -41,9 +44,10 @@ def worker(variant: str, config_name: str, repeats: int) -> dict:
     step = build(variant, config, batch_size)
     start = time.perf_counter()
     step()
+    sync()
     first = time.perf_counter() - start
     step()
-    return {"first_step_s": first, "step_s": median_seconds(step, repeats), "peak_rss_mb": peak_rss_mb()}
+    return {"first_step_s": first, "step_s": median_seconds(step, repeats), "peak_memory_mb": peak_memory_mb()}
 
 
 def interleaved(config_name: str, rounds: int) -> dict:
@@ -57,6 +61,7 @@ def interleaved(config_name: str, rounds: int) -> dict:
         for v, step in steps.items():
             start = time.perf_counter()
             step()
+            sync()
             times[v].append(time.perf_counter() - start)
     return {"step_s": {v: statistics.median(t) for v, t in times.items()}, "peak_flops": matmul_peak_flops()}
 
@@ -83,9 +88,10 @@ def measure(config_names: list[str], repeats: int, rounds: int) -> dict:
 
 
 def report(results: dict, command: str) -> str:
+    memory = "peak GPU memory MB" if bench_device().type == "cuda" else "peak RSS MB"
     lines = ["## Train step", "", f"Machine: {machine()}", "", f"Command: `{command}`", "",
              "Ratios are speed relative to (a), from the interleaved process (all variants stepping round-robin",
-             "in one process, so machine noise hits them alike). Step times and RSS come from each variant's own",
+             "in one process, so machine noise hits them alike). Step times and memory come from each variant's own",
              "process; cold compile is the first step with an empty inductor cache, warm the same with the cache",
              "filled. MFU = model FLOPs per step / step time / float32 matmul FLOP/s measured in the same run;",
              "model FLOPs per token = 6 x matmul parameters + 6 x layers x T x heads x head_dim (causal).", ""]
@@ -99,7 +105,7 @@ def report(results: dict, command: str) -> str:
                   f"{config.num_heads} heads x {config.head_dim}, ff {config.ff_dim}, seq {config.max_seq_len}, "
                   f"batch {batch_size} ({flops / 1e9:.1f} GFLOP/step; matmul peak {peak / 1e9:.0f} GFLOP/s)", "",
                   "| variant | ratio to (a), interleaved | step ms, interleaved | tokens/s | MFU "
-                  "| step ms, own process | cold compile s | warm compile s | peak RSS MB |",
+                  f"| step ms, own process | cold compile s | warm compile s | {memory} |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for v, label in VARIANTS.items():
             step = inter["step_s"][v]
@@ -109,7 +115,7 @@ def report(results: dict, command: str) -> str:
             warm = f"{own['warm']['first_step_s']:.1f}" if compiled else "-"
             lines.append(f"| ({v}) {label} | {base / step:.2f} | {step * 1e3:.1f} | {tokens / step:.0f} | "
                          f"{flops / step / peak:.0%} | {own['warm']['step_s'] * 1e3:.1f} | {cold} | {warm} | "
-                         f"{own['warm']['peak_rss_mb']:.0f} |")
+                         f"{own['warm']['peak_memory_mb']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -117,11 +123,16 @@ def report(results: dict, command: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
-    parser.add_argument("--configs", default="seed,bench", help=f"comma-separated, from {', '.join(CONFIGS)}")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated, from {', '.join(CONFIGS)} [seed,bench; and large on a GPU]")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="[cuda when present]")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "CONFIG", "REPEATS"), help=argparse.SUPPRESS)
     parser.add_argument("--interleaved", nargs=2, metavar=("CONFIG", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device:
+        os.environ["MINIFN_BENCH_DEVICE"] = args.device  # the worker processes inherit it
+    configs = args.configs or ("seed,bench,large" if bench_device().type == "cuda" else "seed,bench")
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]))))
         return
@@ -129,7 +140,7 @@ def main():
         print(json.dumps(interleaved(args.interleaved[0], int(args.interleaved[1]))))
         return
     repeats, rounds = (3, 3) if args.quick else (10, 15)
-    results = measure(args.configs.split(","), repeats, rounds)
+    results = measure(configs.split(","), repeats, rounds)
     command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
     text = report(results, command.strip())
     write_section(args.output, "train_step", text)

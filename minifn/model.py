@@ -169,7 +169,7 @@ def skeleton(config: ModelConfig) -> Transformer:
 def apply(params: Params, tokens_BT: Tensor, config: ModelConfig, *, dropout_rate: float = 0.0,
           key: Tensor | None = None) -> Tensor:
     """Logits [B, T, V] for token ids [B, T]; pure in params, tokens and key (dropout only with a key)."""
-    kwargs = {"dropout_rate": dropout_rate, "key": key} if key is not None and dropout_rate else {}
+    kwargs = {"dropout_rate": dropout_rate, "key": key}
     return functional_call(skeleton(config), params, (tokens_BT,), kwargs, strict=True)
 
 

@@ -68,7 +68,7 @@ def loss_and_grads(params: Params, batch: Batch, key: Tensor | None = None, *, c
     grad_fn = torch.func.grad_and_value(_summed_loss, has_aux=True)
     grads, loss_sum = None, 0.0
     for a, (x, y) in enumerate(zip(inputs.unbind(0), targets.unbind(0))):  # A is static: unrolled when compiled
-        micro_key = None if key is None or not dropout_rate else fold_in(key, a)
+        micro_key = None if key is None else fold_in(key, a)
         g, (_, total) = grad_fn(params, x, y, config, loss_fn, autocast_dtype, dropout_rate, micro_key)
         grads = g if grads is None else optree.tree_map(torch.add, grads, g)
         loss_sum = loss_sum + total

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from minifn import ModelConfig, init_params, optim
 from minifn.reference import ReferenceTransformer
-from minifn.train import init_state, make_train_step
+from minifn.step import init_state, make_train_step
 
 # The tutorial's shape (untied head, as the original "Mini" had), a wider one, and a GPU-sized one.
 CONFIGS = {

@@ -1,19 +1,25 @@
-"""Checkpoints: flat tensor dicts plus a JSON header, written atomically, loaded without pickle code.
+"""The checkpoint format, in one place: flat tensors plus a validated JSON header, written atomically.
 
-On disk: torch.save({"format": ..., "meta": json string, "tensors": {name: tensor}}) where names are
-safetensors-style flat keys ("params.blocks.0.attn.qkv.weight", "opt_state.0.mu.embed.weight").
-A save goes to a temporary file in the same folder, is flushed and fsynced, then renamed over the
-old one, so a crash at any moment leaves either the old or the new checkpoint, never half of one.
-Loading uses weights_only=True: a pickle that tries to run code is refused.
+On disk: torch.save({"format": FORMAT, "meta": json string, "tensors": {name: tensor}}) where names are
+safetensors-style flat keys: "params.blocks.0.attn.qkv.weight", "opt_state.0.mu.embed.weight", "step",
+"rng". A save goes to a temporary file in the target's folder, is flushed and fsynced, then renamed
+over the old one, so a crash at any moment leaves either the old or the new checkpoint. Loading uses
+weights_only=True: a pickle that tries to run code is refused. The header is checked against a schema
+before anything reads it, so an old, crafted or damaged header is one clear error.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import fcntl
 import json
 import os
 import pickle
 import re
 import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +27,28 @@ import optree
 import torch
 from torch import Tensor
 
-FORMAT = "minifn-checkpoint-1"
+from minifn.config import REFUSE, SECTIONS, Config, ConfigError, ModelConfig
+
+FORMAT = "minifn-checkpoint-2"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's container
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit; the message names the file and the problem."""
+
+
+@dataclass
+class Progress:
+    """Where a run is: the next batch to train, the epoch's running sums, and finished epochs' losses."""
+
+    epoch: int = 0
+    batch: int = 0
+    loss_sum: float = 0.0
+    tokens: int = 0
+    history: list = field(default_factory=list)  # [epoch, avg loss] of finished epochs
+
+
+# ----------------------------------------------------------------------------------- flat trees
 
 
 def _entry_name(entry) -> str:
@@ -55,9 +78,23 @@ def unflatten(template: Any, tensors: dict[str, Tensor], prefix: str) -> Any:
     return optree.tree_unflatten(optree.tree_structure(template), restored)
 
 
-def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> Path:
-    """Atomically write tensors (moved to CPU) and a JSON-serialisable meta dict to path."""
+# ------------------------------------------------------------------------------------- the file
+
+
+def target(path: str | os.PathLike) -> Path:
+    """The file a save to path writes: a symlink is followed (written through), a dangling one refused."""
     path = Path(path)
+    if path.is_symlink():
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} is a symlink to {os.readlink(path)}, which does not exist; "
+                                  "create the target's folder or point --model elsewhere")
+        return Path(os.path.realpath(path))
+    return path
+
+
+def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> Path:
+    """Atomically write tensors (moved to CPU) and a JSON-serialisable meta dict to path (through a symlink)."""
+    path = target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     payload = {"format": FORMAT, "meta": json.dumps(meta),
@@ -70,9 +107,11 @@ def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> Pat
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
+        if isinstance(e, (OSError, RuntimeError)):
             kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
-            raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); {kept}") from None
+            full = getattr(e, "errno", None) == errno.ENOSPC or "enforce fail" in str(e) or "No space" in str(e)
+            reason = "the disk is full" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0][:120])
+            raise CheckpointError(f"could not write checkpoint {path} ({reason}); {kept}") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -84,7 +123,7 @@ def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> Pat
 
 def remove_stale_temporaries(path: str | os.PathLike) -> int:
     """Delete temporary files that a killed save left beside path; returns how many."""
-    path = Path(path)
+    path = target(path)
     stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
     for tmp in stale:
         tmp.unlink(missing_ok=True)
@@ -111,9 +150,178 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     except Exception as e:  # noqa: BLE001 - random bytes raise anything (IndexError, KeyError, EOFError...)
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
                               "delete it or start over with --fresh") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith("minifn-checkpoint"):
         raise CheckpointError(f"{path} is not a minifn checkpoint")
+    if payload["format"] != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {payload['format']}, written by another version of "
+                              f"minifn (this one reads {FORMAT}); retrain it or start over with --fresh")
     try:
-        return payload["tensors"], json.loads(payload["meta"])
+        tensors, meta = payload["tensors"], json.loads(payload["meta"])
     except (KeyError, TypeError, json.JSONDecodeError):
         raise CheckpointError(f"checkpoint {path} has a damaged header") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
+        raise CheckpointError(f"checkpoint {path} has a damaged tensor table")
+    return tensors, validate_header(meta, path)
+
+
+def refuse_to_overwrite(path: Path, inputs: dict[str, str | os.PathLike]) -> None:
+    """Raise unless path may be replaced by a checkpoint: it must be absent or a minifn checkpoint (a torch
+    zip container, possibly damaged), and none of the run's input files."""
+    path = target(path)
+    if path.is_dir():
+        raise CheckpointError(f"--model {path} is a directory; give a file path such as {path / 'mini.pt'}")
+    for what, other in inputs.items():
+        if other and path.exists() and Path(other).exists() and os.path.samefile(path, other):
+            raise CheckpointError(f"--model {path} is the run's {what}; writing a checkpoint there would destroy it")
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            if f.read(4) != ZIP_MAGIC:
+                raise CheckpointError(f"--model {path} exists and is not a minifn checkpoint; refusing to overwrite "
+                                      "it (choose another --model path)")
+
+
+@contextmanager
+def locked(path: Path):
+    """An advisory lock beside the checkpoint, held for a run: a second run on the same file is refused."""
+    path = target(path)
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a+")
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {path.parent} ({e.strerror})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        f.close()
+        raise CheckpointError(f"checkpoint {path} is in use by another minifn process (pid {owner}); wait for it "
+                              "to finish or choose another --model path") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield path
+    finally:
+        lock_path.unlink(missing_ok=True)
+        f.close()
+
+
+# ----------------------------------------------------------------------------------- the header
+
+
+def _require(meta: dict, key: str, kind, path, optional=False):
+    value = meta.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise CheckpointError(f"checkpoint {path} has a damaged header ({key} is missing or not a "
+                              f"{getattr(kind, '__name__', kind)})")
+    return value
+
+
+def validate_header(meta: Any, path) -> dict:
+    """meta itself if it has the fields and types this version writes, else a CheckpointError naming one."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} has a damaged header (not a table)")
+    config = _require(meta, "config", dict, path)
+    try:
+        if "progress" in meta:
+            Config.from_dict(config)
+        else:  # parameters only (an import): the model section is enough
+            ModelConfig.from_dict(_require(config, "model", dict, path))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unusable config ({e})") from None
+    tokenizer = _require(meta, "tokenizer", dict, path)
+    for key in ("name", "sha256"):
+        _require(tokenizer, key, str, path)
+    if "progress" in meta:
+        progress = _require(meta, "progress", dict, path)
+        for key, kind in (("epoch", int), ("batch", int), ("loss_sum", (int, float)), ("tokens", int),
+                          ("history", list)):
+            _require(progress, key, kind, path)
+        unknown = set(progress) - {f.name for f in dataclasses.fields(Progress)}
+        if unknown:
+            raise CheckpointError(f"checkpoint {path} has a damaged header (unknown progress fields {sorted(unknown)})")
+        _require(meta, "world_size", int, path)
+        _require(meta, "run_id", str, path)
+        data = _require(meta, "data", dict, path)
+        _require(data, "sha256", str, path)
+        _require(data, "tokens", int, path)
+    return meta
+
+
+def resume_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
+    """(refused, applied): the settings that differ between a checkpoint and this run, split by the policy
+    each field declares (REFUSE: breaks exact resume or is another model; else applied from now on)."""
+    refused, applied = [], []
+    for name, section in SECTIONS.items():
+        mine, theirs = getattr(saved, name), getattr(new, name)
+        for f in dataclasses.fields(section):
+            if name == "run" and f.name in ("fresh", "new_data", "model"):
+                continue
+            old, value = getattr(mine, f.name), getattr(theirs, f.name)
+            if old != value:
+                (refused if f.metadata["on_resume"] == REFUSE else applied).append(f"{f.name}: {old!r} != {value!r}")
+    if saved.optim.has_momentum_buffer != new.optim.has_momentum_buffer:
+        refused.append(f"momentum: {saved.optim.momentum!r} != {new.optim.momentum!r} turns SGD momentum on or off, "
+                       "which reshapes the optimizer state")
+    return refused, applied
+
+
+def make_header(config: Config, tokenizer: dict, data: dict, world_size: int = 1, run_id: str | None = None) -> dict:
+    """The header of a training checkpoint (save_state adds the progress).
+
+    tokenizer: {"name", "sha256", "path"}; data: {"sha256", "tokens"}, the dataset's identity."""
+    import uuid
+
+    return {"config": config.to_dict(), "tokenizer": tokenizer, "data": data, "world_size": world_size,
+            "run_id": run_id or uuid.uuid4().hex[:12]}
+
+
+# ------------------------------------------------------------------------------------ the state
+
+
+def save_state(path: Path, state, progress: Progress, header: dict) -> Path:
+    """A TrainState (params, opt_state, step, rng) and the run's progress, atomically."""
+    tensors = {**flatten(state.params, "params"), **flatten(state.opt_state, "opt_state"),
+               "step": state.step, "rng": state.rng}
+    return save(path, tensors, {**header, "progress": asdict(progress)})
+
+
+def load_state(tensors: dict[str, Tensor], meta: dict, template):
+    """(state, progress) from a loaded checkpoint, shaped and placed like template (a TrainState)."""
+    for key in ("step", "rng"):
+        if key not in tensors or tensors[key].shape != ():
+            raise CheckpointError(f"checkpoint has no usable {key} tensor")
+    state = template._replace(params=unflatten(template.params, tensors, "params"),
+                              opt_state=unflatten(template.opt_state, tensors, "opt_state"),
+                              step=tensors["step"].to(template.step.device, torch.int64),
+                              rng=tensors["rng"].to(template.rng.device, torch.int64))
+    return state, Progress(**meta["progress"])
+
+
+def save_params(path: Path, params: dict[str, Tensor], model: ModelConfig, tokenizer: dict) -> Path:
+    """A parameters-only checkpoint (no optimizer, no progress): generate, eval and --init-from read it."""
+    return save(path, flatten(params, "params"), {"config": {"model": model.to_dict()}, "tokenizer": tokenizer})
+
+
+def load_params(path: str | os.PathLike, device=None) -> tuple[dict[str, Tensor], ModelConfig, dict]:
+    """(params, model config, header) of any minifn checkpoint, checked against the config's shapes."""
+    from minifn.model import skeleton
+
+    tensors, meta = load(path)
+    config = ModelConfig.from_dict(meta["config"]["model"])
+    params = {k.removeprefix("params."): v.to(device) for k, v in tensors.items() if k.startswith("params.")}
+    expected = {name: tuple(p.shape) for name, p in skeleton(config).named_parameters()}
+    if {k: tuple(v.shape) for k, v in params.items()} != expected:
+        raise CheckpointError(f"checkpoint {path} holds parameters that do not fit its own model config")
+    return params, config, meta
+
+
+def metrics_path(path: str | os.PathLike) -> Path:
+    """The per-step metrics log of a checkpoint: its own name plus .metrics.jsonl, never shared."""
+    path = Path(path)
+    return path.with_name(path.name + ".metrics.jsonl")

@@ -20,6 +20,10 @@ from torch import Tensor
 BUCKET_BYTES = 32 << 20
 
 
+class PeerLost(RuntimeError):
+    """Another rank died or cannot be reached; the last checkpoint is intact."""
+
+
 @dataclass(frozen=True)
 class World:
     rank: int
@@ -85,7 +89,7 @@ def _collective(op, *args, **kwargs):
         return op(*args, **kwargs)
     except RuntimeError as e:  # DistBackendError and gloo/NCCL transport errors
         reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"another training process stopped or became unreachable ({reason}); "
+        raise PeerLost(f"another training process stopped or became unreachable ({reason}); "
                            "the last checkpoint is intact, rerun the command to resume") from None
 
 

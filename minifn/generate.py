@@ -14,7 +14,11 @@ from torch import Tensor
 
 from minifn.config import ModelConfig
 from minifn.model import KVCache, Params, apply_cached, init_cache, skeleton
-from minifn.train import maybe_compile
+from minifn.compiling import maybe_compile
+
+
+class GenerationError(ValueError):
+    """A prompt the model cannot continue (empty, or longer than its context)."""
 
 
 def prefill(params: Params, tokens_BT: Tensor, cache: KVCache, config: ModelConfig) -> tuple[Tensor, KVCache]:
@@ -64,9 +68,9 @@ def generate(params: Params, prompt_ids: list[int], config: ModelConfig, *, max_
              repetition_penalty: float = 1.0) -> Iterator[int]:
     """Yield new token ids one at a time until EOS, max_new_tokens, or the model's context is full."""
     if not prompt_ids:
-        raise ValueError("the prompt is empty; give at least one token")
+        raise GenerationError("the prompt is empty; give at least one token")
     if len(prompt_ids) >= config.max_seq_len:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
+        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
                          f"{config.max_seq_len}; shorten the prompt")
     device = next(iter(params.values())).device
     decode = decode or (lambda p, t, c, pos: decode_step(p, t, c, pos, config))

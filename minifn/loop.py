@@ -1,9 +1,11 @@
 """The epoch loop around the pure step: batches in, checkpoints and metrics out.
 
 This is the edge of the library: it moves batches to the device, stops on a non-finite loss, saves
-atomically every `save_every` epochs, at the end and when interrupted, and reports each step and
-epoch to a callback (the CLI prints; a script may collect). Resuming from a checkpoint's position
-(epoch, batch) replays exactly the batches an uninterrupted run would have seen.
+atomically every `save_every` epochs, at the end and when interrupted, and reports each step and epoch
+to a callback. A step's metrics are read one step late, in one transfer, so on a GPU the host queues
+step k+1 before it waits for step k. Resuming from a checkpoint's position (epoch, batch) replays
+exactly the batches an uninterrupted run would have seen, and the metrics log is cut back to the
+checkpoint's step, so a crash neither loses nor duplicates a line.
 """
 
 from __future__ import annotations
@@ -13,16 +15,16 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from minifn import checkpoint
+from minifn.checkpoint import Progress
 from minifn.data import batches, eval_batches, num_batches
 from minifn.losses import IGNORE_INDEX
-from minifn.train import TrainState
+from minifn.step import TrainState
 
 
 class TrainingDiverged(RuntimeError):
@@ -39,6 +41,8 @@ class Interrupted(Exception):
 
 @dataclass(frozen=True)
 class DataSpec:
+    """How tokens become batches: window length and stride, rows per micro-batch, accumulation, order."""
+
     seq_len: int
     stride: int
     batch_size: int
@@ -56,35 +60,48 @@ class DataSpec:
         return math.ceil(self.batches_per_epoch(num_tokens) / self.grad_accum_steps)
 
 
-@dataclass
-class Progress:
-    """Where a run is, saved in every checkpoint: the next batch to train and the epoch's running sums."""
+class MetricsLog:
+    """The JSONL log of step and epoch events beside a checkpoint. Lines carry the run's id; a resumed run
+    first drops lines past its checkpoint's step (and other runs' lines), a fresh run drops older runs'
+    lines at its first save, so a killed fresh run leaves the old checkpoint's history whole."""
 
-    epoch: int = 0
-    batch: int = 0
-    loss_sum: float = 0.0
-    tokens: int = 0
-    history: list = field(default_factory=list)  # (epoch, avg loss) of finished epochs
+    def __init__(self, path: Path, run_id: str, step: int, resumed: bool, enabled: bool = True):
+        self.path, self.run_id, self.enabled, self.compacted = path, run_id, enabled, resumed
+        if enabled and resumed and path.exists():
+            self._rewrite(lambda e: e.get("run") == run_id and e.get("step", 0) <= step)
+        self.file = open(path if enabled else os.devnull, "a")
 
+    def _rewrite(self, keep: Callable[[dict], bool]) -> None:
+        lines = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if isinstance(event, dict) and keep(event):
+                lines.append(line + "\n")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(lines))
+        os.replace(tmp, self.path)
 
-# ----------------------------------------------------------------------------------- checkpoints
+    def write(self, event: dict) -> None:
+        self.file.write(json.dumps({**event, "run": self.run_id}) + "\n")
 
+    def sync(self) -> None:
+        """Flush to disk: called before every checkpoint write, so every saved step has its line."""
+        self.file.flush()
+        if self.enabled:
+            os.fsync(self.file.fileno())
 
-def save_state(path: Path, state: TrainState, progress: Progress, meta: dict) -> Path:
-    tensors = {**checkpoint.flatten(state.params, "params"), **checkpoint.flatten(state.opt_state, "opt_state"),
-               "step": state.step, "rng": state.rng}
-    return checkpoint.save(path, tensors, {**meta, "progress": asdict(progress)})
+    def saved(self) -> None:
+        """After a checkpoint write: the first one of a fresh run drops older runs' lines."""
+        if self.enabled and not self.compacted:
+            self.file.close()
+            self._rewrite(lambda e: e.get("run") == self.run_id)
+            self.file, self.compacted = open(self.path, "a"), True
 
-
-def load_state(tensors: dict[str, Tensor], meta: dict, template: TrainState) -> tuple[TrainState, Progress]:
-    """The state and progress stored in a loaded checkpoint, shaped and placed like template."""
-    state = TrainState(checkpoint.unflatten(template.params, tensors, "params"),
-                       checkpoint.unflatten(template.opt_state, tensors, "opt_state"),
-                       tensors["step"].to(template.step.device), tensors["rng"].to(template.rng.device))
-    return state, Progress(**meta["progress"])
-
-
-# ----------------------------------------------------------------------------------------- loop
+    def close(self) -> None:
+        self.file.close()
 
 
 def _groups(tokens, spec: DataSpec, epoch: int, start: int):
@@ -113,30 +130,68 @@ def evaluate(eval_step, params, tokens, spec: DataSpec, device) -> tuple[float, 
 
 
 def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_epochs: int, device,
-        checkpoint_path: Path, meta: dict, progress: Progress | None = None, save_every: int = 0,
-        val_tokens=None, eval_step: Callable | None = None, lr_of: Callable[[TrainState], float] | None = None,
+        checkpoint_path: Path, header: dict, progress: Progress | None = None, save_every: int = 0,
+        val_tokens=None, eval_step: Callable | None = None, lr_of: Callable[[TrainState], torch.Tensor] | None = None,
         report: Callable[[dict], None] = lambda event: None,
         stop_requested: Callable[[], int | None] = lambda: None) -> TrainState:
     """Train from progress (a fresh run when None) to the end of num_epochs; returns the final state.
 
-    report receives {"kind": "step" | "epoch", ...}; stop_requested returns a signal number when the
-    run should save and raise Interrupted (the CLI sets it from its signal handlers). In a data-parallel
-    run (spec.rank/world_size) only rank 0 reports, writes metrics and saves; stop_requested must give
-    the same answer on every rank."""
+    Args:
+      state: the TrainState to start from (restored from the checkpoint when resuming).
+      train_step: step(state, (inputs, targets)) -> (state, metrics with loss, grad_norm, tokens).
+      tokens: the training token ids (a tensor, or any sequence minifn.data.batches reads).
+      spec: how tokens become batches (and this process's rank in data parallel).
+      num_epochs: train until this many epochs are done.
+      device: where batches go.
+      checkpoint_path: where to save; the metrics log sits beside it (checkpoint.metrics_path).
+      header: the checkpoint header (config, tokenizer, data identity, run_id, world_size).
+      progress: the position to resume from; None starts a fresh run.
+      save_every: save every this many epochs (0: only at the end); the end and interrupts always save.
+      val_tokens, eval_step: evaluate on these tokens at the end of every epoch (both or neither).
+      lr_of: the learning rate of the next step as a 0-D tensor, for the log.
+      report: receives every event, {"kind": "step" | "epoch", ...} (rank 0 only).
+      stop_requested: returns a signal number when the run should save and raise Interrupted; it must
+        give the same answer on every rank."""
+    resumed = progress is not None
     progress = progress or Progress()
     main = spec.rank == 0
-    metrics_path = checkpoint_path.with_suffix(".metrics.jsonl")
     per_epoch = spec.batches_per_epoch(len(tokens))
+    step = int(state.step)
+    log = MetricsLog(checkpoint.metrics_path(checkpoint_path), header["run_id"], step, resumed, main)
+    pending = None  # the last step's metrics, read after the next step is queued
+
+    def emit(event):
+        log.write(event)
+        if main:
+            report(event)
+
+    def resolve(end: float | None = None):
+        """Read the pending step's metrics; it ran from its launch to end (the next launch, or now)."""
+        nonlocal pending
+        if pending is None:
+            return
+        values, at, epoch, batch, started = pending
+        pending = None
+        loss, grad_norm, count, lr = values.tolist()  # one device-to-host transfer per step
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss} at step {at} (epoch {epoch}); the learning rate is "
+                                   "probably too high; the last checkpoint is untouched")
+        progress.loss_sum += loss * count
+        progress.tokens += int(count)
+        seconds = (end or time.perf_counter()) - started
+        emit({"kind": "step", "step": at, "epoch": epoch, "batch": batch, "batches": per_epoch, "loss": loss,
+              "lr": None if math.isnan(lr) else lr, "grad_norm": grad_norm, "tokens_per_s": count / max(seconds, 1e-9)})
 
     def save():
-        return save_state(checkpoint_path, state, progress, meta) if main else None
+        resolve()
+        log.sync()
+        if not main:
+            return None
+        path = checkpoint.save_state(checkpoint_path, state, progress, header)
+        log.saved()
+        return path
 
-    with open(metrics_path if main else os.devnull, "a") as metrics_file:
-        def log(event):
-            metrics_file.write(json.dumps(event) + "\n")
-            if main:
-                report(event)
-
+    try:
         while progress.epoch < num_epochs:
             epoch_start = time.perf_counter()
             for group in _groups(tokens, spec, progress.epoch, progress.batch):
@@ -145,28 +200,28 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
                 x = torch.stack([g[0] for g in group]).to(device, non_blocking=True)
                 y = torch.stack([g[1] for g in group]).to(device, non_blocking=True)
                 lr = lr_of(state) if lr_of else None
-                step_start = time.perf_counter()
-                new_state, m = train_step(state, (x, y))
-                loss, count = float(m["loss"]), int(m["tokens"])  # one sync per step
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss} at step {int(state.step) + 1} (epoch {progress.epoch + 1}); "
-                        f"the learning rate is probably too high; the last checkpoint is untouched")
-                state = new_state
+                started = time.perf_counter()
+                state, m = train_step(state, (x, y))
+                step += 1
                 progress.batch = min(progress.batch + spec.grad_accum_steps, per_epoch)
-                progress.loss_sum += loss * count
-                progress.tokens += count
-                log({"kind": "step", "step": int(state.step), "epoch": progress.epoch + 1, "batch": progress.batch,
-                     "batches": per_epoch, "loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"]),
-                     "tokens_per_s": count / max(time.perf_counter() - step_start, 1e-9)})
+                values = torch.stack([m["loss"].detach(), m["grad_norm"], m["tokens"],
+                                      m["loss"].new_tensor(float("nan")) if lr is None else lr]).to(torch.float64)
+                resolve(end=started)
+                pending = (values, step, progress.epoch + 1, progress.batch, started)
+            resolve()
             avg = progress.loss_sum / max(progress.tokens, 1)
-            event = {"kind": "epoch", "epoch": progress.epoch + 1, "epochs": num_epochs, "step": int(state.step),
+            event = {"kind": "epoch", "epoch": progress.epoch + 1, "epochs": num_epochs, "step": step,
                      "loss": avg, "seconds": time.perf_counter() - epoch_start}
             if val_tokens is not None and eval_step is not None:
                 event["val_loss"] = evaluate(eval_step, state.params, val_tokens, spec, device)[0]
             progress.history.append([progress.epoch + 1, avg])
             progress.epoch, progress.batch, progress.loss_sum, progress.tokens = progress.epoch + 1, 0, 0.0, 0
-            if ((save_every and progress.epoch % save_every == 0) or progress.epoch == num_epochs) and main:
-                event["checkpoint"] = str(save())
-            log(event)
+            saving = (save_every and progress.epoch % save_every == 0) or progress.epoch == num_epochs
+            if saving and main:
+                event["checkpoint"] = str(checkpoint_path)
+            emit(event)
+            if saving:
+                save()
+    finally:
+        log.close()
     return state

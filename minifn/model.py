@@ -7,7 +7,7 @@ any tree with the same names and shapes can be passed in, which is what swapping
 
 Architecture: token embedding -> N x [RMSNorm -> causal attention with rotary positions -> residual,
 RMSNorm -> SwiGLU -> residual] -> RMSNorm -> head (optionally tied to the embedding). Training may pass
-a dropout rate and an RNG key (see `dropout`): the embedding and each residual branch are dropped out.
+a dropout rate and an RNG key (see `minifn.rng.dropout`): the embedding and each residual branch are dropped out.
 Shapes: B batch, T time, D embed_dim, H heads, K head_dim, F ff_dim, V vocab_size.
 """
 
@@ -22,35 +22,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from minifn.config import ModelConfig
+from minifn.rng import dropout, fold_in
 
 Params = dict[str, Tensor]
 # Per layer (keys, values), each [B, H, T_max, K]; preallocated and threaded through, never hidden.
 KVCache = list[tuple[Tensor, Tensor]]
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x):
-    """A 32-bit integer hash (works on ints and int64 tensors; products stay below 2**59, so no overflow)."""
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    return (x >> 16) ^ x
-
-
-def fold_in(key: Tensor, data) -> Tensor:
-    """A new 32-bit key from a key and an integer (a step, a layer, a rank), as jax.random.fold_in."""
-    return _mix32(key ^ _mix32(data & _M32))
-
-
-def dropout(x: Tensor, rate: float, key: Tensor | None) -> Tensor:
-    """Inverted dropout whose mask is a hash of (key, element index): a pure function of its inputs,
-    bit-identical eager and compiled, so a run with dropout resumes exactly. Identity without a key."""
-    if key is None or rate == 0.0:
-        return x
-    index = torch.arange(x.numel(), device=x.device).view(x.shape)
-    keep = _mix32(index ^ _mix32(key)) >= int(rate * 2**32)
-    return x * keep / (1.0 - rate)
 
 
 def rotary_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:

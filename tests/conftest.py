@@ -1,13 +1,22 @@
-"""Shared tiny configs and paths. Compiled functions are built once per session and shared."""
+"""Shared tiny configs, CLI flags and paths. Compiled functions are built once per session and shared.
 
+Every test runs under a recorded seed: torch's global generator is seeded from MINIFN_TEST_SEED (or a fresh
+random seed), and the seed is printed, so pytest shows it with any failure; rerun with MINIFN_TEST_SEED=N."""
+
+import os
+import random
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from minifn.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# A one-layer model small enough that a CLI epoch on a 600-character story takes a fraction of a second.
+TINY_FLAGS = ["--num-layers", "1", "--num-heads", "2", "--head-dim", "8", "--embed-dim", "16", "--ff-dim", "32",
+              "--max-seq-len", "32", "--batch-stride", "16", "--batch-size", "2", "--compile", "off"]
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -18,6 +27,24 @@ def tiny_config(**overrides) -> ModelConfig:
 @pytest.fixture
 def tiny():
     return tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def recorded_seed():
+    """Seed torch for this test and print the seed (shown by pytest when the test fails)."""
+    import torch
+
+    seed = int(os.environ.get("MINIFN_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(seed)
+    print(f"test seed: MINIFN_TEST_SEED={seed}")
+    return seed
+
+
+def invoke(*args, **kwargs):
+    """Run the minifn CLI in-process; arguments may be paths or numbers."""
+    from minifn.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
 
 
 def shared_file(name: str) -> Path:

@@ -7,7 +7,7 @@ import torch
 from minifn import distributed, optim
 from minifn.data import batches
 from minifn.model import init_params
-from minifn.train import init_state, make_train_step
+from minifn.step import init_state, make_train_step
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from conftest import tiny_config  # noqa: E402

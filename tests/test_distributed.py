@@ -14,7 +14,7 @@ from conftest import ROOT
 from minifn import checkpoint
 from minifn.data import batches
 from minifn.model import init_params
-from minifn.train import init_state, make_train_step
+from minifn.step import init_state, make_train_step
 
 HERE = ROOT / "tests"
 TINY = ["--num-layers", "1", "--num-heads", "2", "--head-dim", "8", "--embed-dim", "16", "--ff-dim", "32",
@@ -60,7 +60,7 @@ def test_cli_with_two_processes_saves_once_resumes_and_checks_the_world_size(tmp
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.count("Training complete!") == 1 and "global batch 2 x 2 x 1 = 4" in first.stdout
     assert checkpoint.load(ckpt)[1]["world_size"] == 2
-    assert sorted(p.name for p in tmp_path.glob("*dp*")) == ["dp.metrics.jsonl", "dp.pt"]  # one writer
+    assert sorted(p.name for p in tmp_path.glob("*dp*")) == ["dp.pt", "dp.pt.metrics.jsonl"]  # one writer
     again = subprocess.run([*map(str, base), "--nproc", "2", "--num-epochs", "3"], capture_output=True, text=True,
                            env=ENV, timeout=300)
     assert again.returncode == 0 and again.stdout.count("Resuming from") == 1 and "[Epoch: 3/3]" in again.stdout
@@ -97,3 +97,33 @@ def test_killing_one_rank_makes_the_other_exit_with_a_clear_error(tmp_path):
     assert procs[0].returncode not in (0, None) and time.time() - start < 150
     assert "another training process stopped or became unreachable" in out
     assert checkpoint.load(tmp_path / "k.pt")[1]["progress"]["epoch"] >= 1  # the saved state survived
+
+
+def launcher(tmp_path, *extra):
+    story = tmp_path / "story.txt"
+    story.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:800])
+    return subprocess.Popen([sys.executable, "-m", "minifn", "train", "--dataset", str(story), "--model",
+                             str(tmp_path / "l.pt"), *TINY, "--nproc", "2", *map(str, extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_the_workers_after_their_save(tmp_path):
+    proc = launcher(tmp_path, "--num-epochs", 100000, "--save-every", 0)
+    deadline = time.time() + 120
+    while time.time() < deadline and not proc.stdout.readline().startswith("[Epoch: 1/"):
+        assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in out + err and err.count("Interrupted: checkpoint saved") == 1
+    assert checkpoint.load(tmp_path / "l.pt")[1]["progress"]["epoch"] >= 1
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "l.pt")], capture_output=True, text=True).stdout
+    assert not leftover.strip()  # no worker trains on in the background
+
+
+@pytest.mark.slow
+def test_a_bad_flag_under_data_parallel_is_one_line(tmp_path):
+    proc = launcher(tmp_path, "--num-epochs", 1, "--lr", "-1")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.strip() == "Error: --lr must be positive, got -1.0", err

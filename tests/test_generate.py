@@ -8,7 +8,7 @@ from minifn import optim
 from minifn.data import batches
 from minifn.generate import TextStream, decode_step, generate, make_decode_step, prefill, sample
 from minifn.model import apply, init_cache, init_params
-from minifn.train import init_state, make_train_step
+from minifn.step import init_state, make_train_step
 
 CONFIG = tiny_config(max_seq_len=24)
 

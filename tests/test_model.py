@@ -6,7 +6,8 @@ from torch.func import functional_call
 
 from conftest import tiny_config
 from minifn.config import ConfigError, ModelConfig
-from minifn.model import apply, dropout, fold_in, init_params, num_params
+from minifn.model import apply, init_params, num_params
+from minifn.rng import dropout, fold_in
 from minifn.reference import ReferenceTransformer
 
 

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from minifn import optim, stack_trees, unstack_trees
 from minifn.data import batches
 from minifn.model import init_params
-from minifn.train import init_state, train_step
+from minifn.step import init_state, train_step
 
 CONFIG = tiny_config()
 

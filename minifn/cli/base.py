@@ -1,45 +1,113 @@
-"""What every command shares: the Click group, one-line errors, devices, config files, checkpoints."""
+"""What every command shares: the Click group, options derived from settings, config files, errors,
+and loading a trained model."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
 import click
 
-from minifn.config import ModelConfig
+from minifn.config import flag
 
-DEFAULT_DATASET = "data/lighthouse.txt"
 DEFAULT_CHECKPOINT = "checkpoints/mini.pt"
+EXIT_BUG = 70  # EX_SOFTWARE: an internal error, not the user's
 
 
 class UserError(click.ClickException):
     """A mistake the user can fix: printed as one 'Error: ...' line, exit status 1."""
 
 
+def _is_users(e: BaseException) -> bool:
+    """minifn's own error classes describe input the user can fix; so do file and memory errors.
+    Anything else (a bare ValueError in torch, a KeyError in minifn) is a bug."""
+    import torch
+
+    return (type(e).__module__.startswith("minifn") or isinstance(e, (OSError, MemoryError, torch.OutOfMemoryError)))
+
+
+def _report_bug(e: BaseException) -> str:
+    """Write the traceback to a file and return its path."""
+    folder = Path(os.environ.get("MINIFN_CACHE_DIR", Path.home() / ".cache" / "minifn"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir())
+    fd, path = tempfile.mkstemp(prefix="minifn-crash-", suffix=".txt", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exception(e, file=f)
+    return path
+
+
 def one_line_errors(fn):
-    """Turn the library's validation errors into one-line messages (--verbose adds the traceback)."""
-    from minifn.checkpoint import CheckpointError
-    from minifn.config import ConfigError
-    from minifn.tokenizer import TokenizerError
+    """The user's mistakes become one 'Error: ...' line (exit 1; --verbose adds the traceback); anything
+    else is reported as a bug in one line, with the traceback written to a file (exit 70)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, TokenizerError, CheckpointError, ValueError, OSError, RuntimeError, MemoryError) as e:
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - sorted into the user's errors and bugs below
             if kwargs.get("verbose"):
                 traceback.print_exc()
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(message) from None
+            if _is_users(e):
+                if isinstance(e, MemoryError) or "out of memory" in message.lower():
+                    message = f"out of memory ({message[:80]}); try a smaller --batch-size or model"
+                raise UserError(message) from None
+            click.echo(f"Error: internal error, a bug in minifn or torch, not in your input ({type(e).__name__}: "
+                       f"{message[:200]}); traceback written to {_report_bug(e)}", err=True)
+            sys.exit(EXIT_BUG)
 
     return wrapper
 
 
+def setting_options(fields: list[dataclasses.Field]):
+    """Click options for settings fields: the flag, the environment variable and the TOML key all carry
+    the field's name; help, default and choices come from the field."""
+
+    def decorate(fn):
+        for f in reversed(fields):
+            meta, default = f.metadata, f.default
+            help = meta["help"] + (f" In {meta['unit']}." if meta["unit"] else "")
+            if isinstance(default, bool):
+                decls, kwargs = [f"{flag(f.name)}/--no-{f.name.replace('_', '-')}"], {}
+            else:
+                kind = click.Choice(meta["choices"]) if meta["choices"] else (
+                    click.FLOAT if isinstance(default, float) else click.STRING if isinstance(default, str)
+                    else click.INT)
+                decls, kwargs = [flag(f.name)], {"type": kind}
+            fn = click.option(*decls, *meta["aliases"], f.name, default=default, show_default=default is not None,
+                              help=help, **kwargs)(fn)
+        return fn
+
+    return decorate
+
+
+def _check_type(param: click.Parameter, key: str, value, source) -> None:
+    """Config-file values are typed as strictly as flags: no silent int(1.9) or float(True)."""
+    kind = param.type
+    if isinstance(param, click.Option) and param.is_flag or isinstance(kind, click.types.BoolParamType):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(kind, click.types.IntParamType):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif isinstance(kind, click.types.FloatParamType):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, want = isinstance(value, str), "a string"
+    if not ok:
+        raise click.BadParameter(f"{source}: {key} must be {want}, got {value!r}")
+
+
 def load_config_file(ctx, param, value):
-    """--config FILE: a TOML table of option defaults (command-line flags still win)."""
+    """--config FILE: a TOML table of option defaults, keyed by flag name (command-line flags still win)."""
     if value is None:
         return None
     try:
@@ -51,32 +119,21 @@ def load_config_file(ctx, param, value):
             table = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise click.BadParameter(f"cannot read {value}: {e}") from None
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(k.replace("-", "_") for k in table) - known)
+    by_key = {}
+    for p in ctx.command.params:
+        if p.name and p.expose_value:
+            for name in [p.name, *(o.lstrip("-") for o in p.opts if o.startswith("--"))]:
+                by_key[name.replace("-", "_")] = p
+    unknown = sorted(k for k in table if k.replace("-", "_") not in by_key)
     if unknown:
         raise click.BadParameter(f"{value} has unknown keys: {', '.join(unknown)}")
-    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in table.items()}}
+    defaults = {}
+    for key, v in table.items():
+        p = by_key[key.replace("-", "_")]
+        _check_type(p, key, v, value)
+        defaults[p.name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device):
-    import torch
-
-    if name == "float32":
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("this GPU has no bfloat16 support; use --dtype float32")
-    return torch.bfloat16
 
 
 def bundled(path: str) -> str:
@@ -110,26 +167,21 @@ def cli():
     """minifn: pure-functional language-model training on torch.func and torch.compile."""
 
 
-
-def load_model(path: str, device):
-    """(params, model config, tokenizer, meta) from a training checkpoint; the tokenizer must be the one
-    the model was trained with (checked by sha256)."""
-    from minifn.checkpoint import CheckpointError, load
-    from minifn.model import skeleton
+def load_model(path: str, device, tokenizer: str | None = None):
+    """(params, model config, tokenizer, header) from a checkpoint. The tokenizer is the one recorded in
+    it (or --tokenizer), and must have the sha256 the model was trained with."""
+    from minifn.checkpoint import CheckpointError, load_params
     from minifn.tokenizer import load_tokenizer
 
-    tensors, meta = load(path)
-    try:
-        config = ModelConfig.from_dict(meta["model_config"])
-        tok_name, tok_sha = meta["tokenizer"]["name"], meta["tokenizer"]["sha256"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} has no usable model config ({e})") from None
-    params = {k.removeprefix("params."): v.to(device) for k, v in tensors.items() if k.startswith("params.")}
-    expected = {name: tuple(p.shape) for name, p in skeleton(config).named_parameters()}
-    if {k: tuple(v.shape) for k, v in params.items()} != expected:
-        raise CheckpointError(f"checkpoint {path} holds parameters that do not fit its own model config")
-    tok = load_tokenizer(tok_name)
-    if tok.sha256 != tok_sha:
-        raise CheckpointError(f"tokenizer {tok_name} is not the one {path} was trained with (sha256 differs)")
+    params, config, meta = load_params(path, device)
+    recorded = meta["tokenizer"]
+    name = tokenizer or recorded.get("path") or recorded["name"]
+    if recorded["name"] == "mistral" and not tokenizer:
+        name = "mistral"
+    if not tokenizer and name != "mistral" and not Path(name).is_file():
+        raise CheckpointError(f"{path} was trained with tokenizer {name}, which is not there any more; "
+                              "point --tokenizer at a copy of it")
+    tok = load_tokenizer(name)
+    if tok.sha256 != recorded["sha256"]:
+        raise CheckpointError(f"tokenizer {name} is not the one {path} was trained with (sha256 differs)")
     return params, config, tok, meta
-

@@ -6,28 +6,31 @@ import math
 
 import click
 
-from minifn.cli.base import DEFAULT_CHECKPOINT, UserError, cli, load_model, one_line_errors, resolve_device
+from minifn.cli.base import DEFAULT_CHECKPOINT, UserError, cli, load_model, one_line_errors
 
 
 @cli.command("eval")
 @click.option("--model", "checkpoint_path", default=DEFAULT_CHECKPOINT, show_default=True, help="Checkpoint.")
+@click.option("--tokenizer", default=None, help="The model's SentencePiece file, if it moved (checked by sha256).")
 @click.option("--dataset", required=True, help="Plain-text file to evaluate on.")
 @click.option("--batch-stride", type=click.IntRange(min=1), default=None, help="Window stride [max-seq-len / 2].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--verbose", is_flag=True)
 @one_line_errors
-def evaluate(checkpoint_path, dataset, batch_stride, batch_size, device, verbose):
+def evaluate(checkpoint_path, tokenizer, dataset, batch_stride, batch_size, device, verbose):
     """Cross-entropy, perplexity and bits per byte of a checkpoint on a text file."""
     import torch
 
     from minifn.loop import DataSpec
     from minifn.loop import evaluate as evaluate_tokens
     from minifn.tokenizer import encode_file, read_text
-    from minifn.train import make_eval_step
+    from minifn.step import make_eval_step
+
+    from minifn.run import resolve_device
 
     device = resolve_device(device)
-    params, config, tok, _ = load_model(checkpoint_path, device)
+    params, config, tok, _ = load_model(checkpoint_path, device, tokenizer)
     tokens = torch.from_numpy(encode_file(tok, dataset).ids.astype("int64"))
     if len(tokens) < 2:
         raise UserError(f"dataset {dataset} has {len(tokens)} token(s); evaluation needs at least 2")

@@ -6,11 +6,12 @@ import sys
 
 import click
 
-from minifn.cli.base import DEFAULT_CHECKPOINT, cli, load_model, one_line_errors, resolve_device
+from minifn.cli.base import DEFAULT_CHECKPOINT, UserError, cli, load_model, one_line_errors
 
 
 @cli.command()
 @click.option("--model", "checkpoint_path", default=DEFAULT_CHECKPOINT, show_default=True, help="Checkpoint.")
+@click.option("--tokenizer", default=None, help="The model's SentencePiece file, if it moved (checked by sha256).")
 @click.option("--prompt", required=True, help="Text to continue; '-' reads it from stdin.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True)
@@ -24,7 +25,7 @@ from minifn.cli.base import DEFAULT_CHECKPOINT, cli, load_model, one_line_errors
               show_default=True, help="Compile the decode step (pays off for long generations).")
 @click.option("--verbose", is_flag=True)
 @one_line_errors
-def generate(checkpoint_path, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, greedy, seed,
+def generate(checkpoint_path, tokenizer, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, greedy, seed,
              device, compile_mode, verbose):
     """Continue a prompt with a trained model, streaming text as it is produced."""
     import torch
@@ -32,10 +33,17 @@ def generate(checkpoint_path, prompt, max_tokens, temperature, top_k, top_p, rep
     from minifn.generate import TextStream, make_decode_step
     from minifn.generate import generate as generate_ids
 
+    from minifn.run import resolve_device
+
     device = resolve_device(device)
-    params, config, tok, _ = load_model(checkpoint_path, device)
+    params, config, tok, _ = load_model(checkpoint_path, device, tokenizer)
     if prompt == "-":
         prompt = sys.stdin.read()
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as lone surrogates
+        raise UserError(f"the prompt is not valid UTF-8 (bad byte at character {e.start}); "
+                        "pass UTF-8 text or pipe it with --prompt -") from None
     prompt_ids = tok.encode(prompt)
     stream = TextStream(tok.decode, prompt_ids)
     click.echo(prompt, nl=False)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import shutil
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,10 +18,13 @@ import optree
 import torch
 from torch import Tensor
 
-from minifn import optim, schedules
-from minifn.config import ModelConfig, TrainConfig
-from minifn.losses import IGNORE_INDEX, LOSSES, Loss, cross_entropy
-from minifn.model import Params, apply, fold_in, skeleton
+from minifn import optim
+from minifn.compiling import maybe_compile
+from minifn.config import ModelConfig
+from minifn.losses import IGNORE_INDEX, Loss, cross_entropy
+from minifn.model import Params, apply, skeleton
+from minifn import rng
+from minifn.rng import fold_in
 
 Batch = tuple[Tensor, Tensor]  # (inputs, targets): [B, T], or [A, B, T] for A accumulation micro-batches
 
@@ -38,7 +39,7 @@ class TrainState(NamedTuple):
 def init_state(params: Params, optimizer: optim.GradientTransformation, seed: int = 0) -> TrainState:
     device = next(iter(params.values())).device
     return TrainState(params, optimizer.init(params), torch.zeros((), dtype=torch.int64, device=device),
-                      torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
+                      rng.key(seed, device))
 
 
 def _autocast(device_type: str, dtype: torch.dtype | None):
@@ -118,60 +119,25 @@ def eval_step(params: Params, batch: Batch, *, config: ModelConfig, loss_fn: Los
     return {"loss_sum": loss_fn(logits, targets, reduction="sum"), "tokens": (targets != IGNORE_INDEX).sum()}
 
 
-# ------------------------------------------------------------------------------------- compiling
-
-
-def cannot_compile(device: torch.device) -> str | None:
-    """Why torch.compile cannot work on this device, or None if it should."""
-    if device.type == "mps":
-        return "inductor does not support MPS"
-    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
-        return "inductor on CPU needs a C++ compiler (install gcc or clang)"
-    return None
-
-
-def maybe_compile(fn: Callable, mode: str, device: torch.device) -> Callable:
-    """Wrap fn in torch.compile(fullgraph=True, dynamic=False) for mode 'on', not for 'off'; 'auto'
-    compiles where the platform can and falls back to eager, with one warning, where it cannot
-    (including a compile that fails on its first call)."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"unknown compile mode {mode!r}; choose one of: auto, on, off")
-    reason = cannot_compile(device)
-    if mode == "off" or (mode == "auto" and reason):
-        if reason and mode == "auto":
-            warnings.warn(f"torch.compile unavailable ({reason}); running eagerly", stacklevel=2)
-        return fn
-    if reason:
-        raise RuntimeError(f"--compile on is impossible here: {reason}")
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-    if mode == "on":
-        return compiled
-    active = [compiled]
-
-    @functools.wraps(fn)
-    def with_fallback(*args, **kwargs):
-        try:
-            return active[0](*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - auto mode promises a fallback, not a crash
-            if active[0] is fn:
-                raise
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                          "running eagerly", stacklevel=2)
-            active[0] = fn
-            return fn(*args, **kwargs)
-
-    return with_fallback
-
-
 def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation, loss_fn: Loss = cross_entropy,
                     *, reduction: str = "mean", autocast_dtype: torch.dtype | None = None, dropout_rate: float = 0.0,
                     inplace: bool = False, compile: str = "auto", device: torch.device | str = "cpu",
                     all_reduce: Callable[[list[Tensor]], None] | None = None, rank: int = 0):
-    """train_step bound to a config, optimizer and loss, compiled per `compile` (auto/on/off).
+    """train_step bound to a config, optimizer and loss, compiled per `compile`: step(state, batch).
 
-    With all_reduce (data parallel: sums a list of tensors across ranks in place), the step is two
-    compiled halves with the collective between them, outside the compiled graphs; each rank folds
-    its rank into the step's key, so ranks draw different dropout masks."""
+    Args:
+      config: the model's shape.
+      optimizer: a GradientTransformation (its hyperparameters live in the state, not here).
+      loss_fn: loss(logits, targets, reduction) over [B, T, V] logits; targets equal to IGNORE_INDEX are skipped.
+      reduction: 'mean' divides the summed gradients by the number of target tokens, 'sum' does not.
+      autocast_dtype: run the forward pass under autocast to this dtype (None: no autocast region at all).
+      dropout_rate: dropout on the embedding and residual branches, keyed by the state's RNG key and step.
+      inplace: write the new state into the input tensors (one copy of the trees; the values are identical).
+      compile: 'auto', 'on' or 'off' (see minifn.compiling).
+      device: where the state lives; decides whether compiling is possible.
+      all_reduce: data parallel only: sums a list of tensors across ranks in place. The step is then two
+        compiled halves with the collective between them, outside the compiled graphs.
+      rank: data parallel only: folded into the step's key, so ranks draw different dropout masks."""
     skeleton(config)  # build the module skeleton outside any compiled region
     device = torch.device(device)
     if all_reduce is None:
@@ -195,28 +161,7 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
 
 def make_eval_step(config: ModelConfig, loss_fn: Loss = cross_entropy, *, autocast_dtype=None,
                    compile: str = "auto", device: torch.device | str = "cpu"):
+    """eval_step bound to a config and loss, compiled per `compile`: step(params, batch) -> sums."""
     skeleton(config)
     step = functools.partial(eval_step, config=config, loss_fn=loss_fn, autocast_dtype=autocast_dtype)
     return maybe_compile(step, compile, torch.device(device))
-
-
-def optimizer_from_config(tc: TrainConfig) -> tuple[optim.GradientTransformation, optim.Schedule]:
-    """The optimizer a TrainConfig describes (clipping first when clip_grad > 0), and its schedule."""
-    schedule = schedules.make(tc.scheduler, step_size=tc.step_size, gamma=tc.gamma, t_max=tc.t_max,
-                              eta_min=tc.eta_min, start_factor=tc.start_factor, end_factor=tc.end_factor,
-                              total_iters=tc.total_iters, warmup_steps=tc.warmup_steps)
-    if tc.optimizer == "sgd":
-        tx = optim.sgd(tc.lr, tc.momentum, tc.dampening, tc.weight_decay, tc.nesterov, schedule)
-    else:
-        make = optim.adam if tc.optimizer == "adam" else optim.adamw
-        tx = make(tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay, tc.amsgrad, schedule)
-    if tc.clip_grad > 0:
-        tx = optim.chain(optim.clip_by_global_norm(tc.clip_grad), tx)
-    return tx, schedule
-
-
-def loss_from_config(tc: TrainConfig) -> Loss:
-    """The criterion a TrainConfig names, with its label smoothing (cross-entropy only)."""
-    if tc.label_smoothing:
-        return functools.partial(cross_entropy, label_smoothing=tc.label_smoothing)
-    return LOSSES[tc.criterion]

@@ -11,11 +11,13 @@ from torch._dynamo.utils import counters
 from conftest import tiny_config, unique_graphs
 from minifn import optim
 from minifn.data import batches
-from minifn.loop import DataSpec, Interrupted, fit, load_state
+from minifn.checkpoint import load_state, make_header
+from minifn.config import Config
+from minifn.loop import DataSpec, Interrupted, fit
 from minifn.losses import IGNORE_INDEX
 from minifn.model import init_params
 from minifn.reference import ReferenceTransformer
-from minifn.train import init_state, make_train_step, train_step
+from minifn.step import init_state, make_train_step, train_step
 
 CONFIG = tiny_config()
 ADAMW = optim.adamw(lr=3e-3, weight_decay=0.1)
@@ -129,7 +131,8 @@ def _run(tmp_path, name, stop_after=None, progress=None, state=None):
     calls = iter(range(10**6))
     stop = (lambda: signal.SIGINT if next(calls) == stop_after else None) if stop_after is not None else (lambda: None)
     path = tmp_path / f"{name}.pt"
-    return fit(state, step, tokens, spec, num_epochs=3, device="cpu", checkpoint_path=path, meta={},
+    return fit(state, step, tokens, spec, num_epochs=3, device="cpu", checkpoint_path=path,
+               header=make_header(Config(), {"name": "t", "sha256": "0"}, {"sha256": "0", "tokens": 300}),
                progress=progress, save_every=1, stop_requested=stop), path, tx
 
 

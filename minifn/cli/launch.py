@@ -1,0 +1,81 @@
+"""`minifn train --nproc N`: run the same command in N processes on this machine (as torchrun would),
+forward SIGINT/SIGTERM to them, wait for their final saves, and exit with their status. A rank that
+fails stops the others; only one error line is printed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import click
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    args, given = [], iter(argv)
+    for a in given:
+        if a == "--nproc":
+            next(given, None)  # and its value
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    return args
+
+
+def launch(nproc: int, grace_s: float = 30.0) -> int:
+    """Start nproc ranks of this command and return the exit status the user should see."""
+    port, args = _free_port(), _without_nproc(sys.argv[1:])
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "minifn", *args], env=env,
+                                      stderr=None if rank == 0 else subprocess.PIPE, text=True))
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        failed, failed_at = None, None
+        while any(p.poll() is None for p in procs):
+            if failed is None:
+                failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+                if failed is not None:
+                    failed_at = time.time()
+                    for p in procs:
+                        if p.poll() is None:
+                            p.send_signal(signal.SIGTERM)  # they save and stop at their next step
+            elif time.time() - failed_at > grace_s:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.05)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        return 128 + received[0]
+    codes = [p.returncode for p in procs]
+    failed = failed if failed is not None else next((r for r, c in enumerate(codes) if c), None)
+    if failed is None:
+        return 0
+    if codes[0] not in (0, 143, -signal.SIGTERM):  # rank 0 failed by itself and printed why
+        failed = 0
+    if failed > 0:  # rank 0 printed nothing about it: show the failing rank's own error line
+        lines = (procs[failed].stderr.read() or "").strip().splitlines()
+        click.echo(lines[-1] if lines else f"Error: rank {failed} exited with status {codes[failed]}", err=True)
+    code = codes[failed]
+    return code if code > 0 else 128 - code

@@ -1,0 +1,206 @@
+"""A whole training run from a Config: what `minifn train` does, callable from a script.
+
+    from minifn.config import Config, RunConfig
+    from minifn.run import train
+    state = train(Config(run=RunConfig(num_epochs=3)), on_event=print)
+
+`train` tokenizes, splits, resumes (applying changed settings, refusing those that break exact resume),
+builds and compiles the step, and runs the loop. It prints nothing and installs no handlers: events go
+to `on_event`, and `stop_requested` says when to save and stop. The CLI adds flags, printing, signals
+and exit codes on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from minifn import checkpoint, optim, schedules
+from minifn.checkpoint import CheckpointError
+from minifn.config import Config, ConfigError, OptimConfig
+from minifn.losses import LOSSES, Loss, cross_entropy
+from minifn.loop import DataSpec, fit
+from minifn.model import init_params, num_params
+from minifn.step import TrainState, init_state, make_eval_step, make_train_step
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA where present, else the CPU; asking for CUDA without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --dtype (None: no autocast)."""
+    if name == "float32":
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bfloat16 support; use --dtype float32")
+    return torch.bfloat16
+
+
+def optimizer_from_config(oc: OptimConfig, steps_per_epoch: int, total_steps: int):
+    """(optimizer, schedule) for an OptimConfig; scheduler lengths in epochs become steps, and default to
+    the whole run. Clipping is always in the chain (off is an infinite threshold), so it can change on resume."""
+    epochs = lambda n, default: default if n is None else n * steps_per_epoch  # noqa: E731
+    schedule = schedules.make(oc.scheduler, step_size=max(1, epochs(oc.step_size, total_steps // 3)), gamma=oc.gamma,
+                              t_max=max(1, epochs(oc.t_max, total_steps)), eta_min=oc.eta_min,
+                              start_factor=oc.start_factor, end_factor=oc.end_factor,
+                              total_iters=max(1, epochs(oc.total_iters, total_steps)), warmup_steps=oc.warmup_steps)
+    if oc.optimizer == "sgd":
+        tx = optim.sgd(oc.lr, oc.momentum, oc.dampening, oc.weight_decay, oc.nesterov, schedule)
+    else:
+        make = optim.adam if oc.optimizer == "adam" else optim.adamw
+        tx = make(oc.lr, (oc.beta1, oc.beta2), oc.eps, oc.weight_decay, oc.amsgrad, schedule)
+    return optim.chain(optim.clip_by_global_norm(oc.clip_grad or float("inf")), tx), schedule
+
+
+def hyperparams_of(oc: OptimConfig) -> dict[str, float]:
+    """The values an OptimConfig sets in the optimizer state (what a resumed run applies)."""
+    values = {"lr": oc.lr, "weight_decay": oc.weight_decay, "max_norm": oc.clip_grad or float("inf")}
+    if oc.optimizer == "sgd":
+        return {**values, **({"momentum": oc.momentum, "dampening": oc.dampening} if oc.momentum else {})}
+    return {**values, "b1": oc.beta1, "b2": oc.beta2, "eps": oc.eps}
+
+
+def loss_from_config(criterion: str, label_smoothing: float = 0.0) -> Loss:
+    """The criterion by name, with its label smoothing (cross-entropy only)."""
+    if label_smoothing:
+        return functools.partial(cross_entropy, label_smoothing=label_smoothing)
+    return LOSSES[criterion]
+
+
+def _split(tokens: torch.Tensor, val_fraction: float, dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not val_fraction:
+        if len(tokens) < 2:
+            raise ConfigError(f"dataset {dataset} has {len(tokens)} token(s); training needs at least 2")
+        return tokens, None
+    cut = int(len(tokens) * (1 - val_fraction))
+    train, val = tokens[:cut], tokens[cut:]
+    if len(val) < 2 or len(train) < 2:
+        raise ConfigError(f"--val-fraction {val_fraction} leaves too few tokens on one side of the split "
+                          f"({len(train)} train, {len(val)} validation)")
+    return train, val
+
+
+def _resume(path: Path, header: dict, template: TrainState, config: Config):
+    """(state, progress, applied changes) from the checkpoint at path, or a CheckpointError naming what
+    makes it another run: another model, tokenizer, data, process count, or a setting that breaks resume."""
+    tensors, saved = checkpoint.load(path)
+    if "progress" not in saved:
+        raise CheckpointError(f"checkpoint {path} holds parameters only; train from it with --init-from {path} "
+                              "and another --model path")
+    if saved["world_size"] != header["world_size"]:
+        raise CheckpointError(f"checkpoint {path} was saved by {saved['world_size']} process(es) and this run has "
+                              f"{header['world_size']}; resume with --nproc {saved['world_size']} or use --fresh")
+    if saved["tokenizer"]["sha256"] != header["tokenizer"]["sha256"]:
+        raise CheckpointError(f"checkpoint {path} was trained with tokenizer {saved['tokenizer']['name']!r}, not "
+                              f"{header['tokenizer']['name']!r}; use the same --tokenizer, or --fresh")
+    refused, applied = checkpoint.resume_changes(Config.from_dict(saved["config"]), config)
+    if saved["data"] != header["data"] and not config.run.new_data:
+        refused.append(f"the dataset's contents ({saved['data']['tokens']} tokens, sha256 "
+                       f"{saved['data']['sha256'][:12]} != {header['data']['tokens']} tokens, "
+                       f"{header['data']['sha256'][:12]}; --new-data keeps the model and restarts the data)")
+    if refused:
+        raise CheckpointError(f"checkpoint {path} cannot resume with these settings ({'; '.join(refused)}); use the "
+                              "checkpoint's settings, another --model path, or --fresh")
+    state, progress = checkpoint.load_state(tensors, saved, template)
+    if saved["data"] != header["data"]:
+        progress = checkpoint.Progress(history=progress.history)
+        applied.append("new data: the data position restarts at epoch 1")
+    elif progress.epoch >= config.run.num_epochs:
+        raise CheckpointError(f"checkpoint {path} has already trained {progress.epoch} epoch(s), and "
+                              f"--num-epochs is {config.run.num_epochs}: nothing to do; raise --num-epochs to "
+                              "train further")
+    header["run_id"] = saved["run_id"]
+    return state, progress, applied
+
+
+def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: None,
+          stop_requested: Callable[[], int | None] = lambda: None, loss_fn: Loss | None = None) -> TrainState:
+    """Run (or resume) the training that config describes and return the final state.
+
+    Args:
+      config: every setting of the run (minifn.config.Config); config.run.model is the checkpoint.
+      on_event: receives {"kind": "start" | "step" | "epoch", ...} events (rank 0 only).
+      stop_requested: returns a signal number when the run should save and stop (raises loop.Interrupted).
+      loss_fn: a loss(logits, targets, reduction) to use instead of config.run.criterion."""
+    from minifn.tokenizer import MISTRAL, encode_file, load_tokenizer, mistral_model_path, sha256_file
+
+    rc, dc = config.run, config.data
+    device = resolve_device(rc.device)
+    world = None
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        from minifn import distributed
+
+        world = distributed.init(device)
+        device = world.device
+    rank, world_size = (world.rank, world.world_size) if world else (0, 1)
+    if world:  # every rank must stop at the same step
+        asked = stop_requested
+        stop_requested = lambda: (  # noqa: E731
+            (asked() or signal.SIGTERM) if distributed.any_rank(asked() is not None, device) else None)
+    autocast_dtype = resolve_dtype(rc.dtype, device)
+    tok = load_tokenizer(dc.tokenizer)
+    tok_path = str((mistral_model_path() if dc.tokenizer == MISTRAL else Path(dc.tokenizer)).resolve())
+    encoded = encode_file(tok, dc.dataset)
+    tokens, val_tokens = _split(torch.from_numpy(encoded.ids.astype("int64")), dc.val_fraction, dc.dataset)
+    if dc.batch_stride > config.model.max_seq_len:
+        raise ConfigError(f"--batch-stride {dc.batch_stride} is larger than --max-seq-len {config.model.max_seq_len}:"
+                          " tokens between windows would never be trained on")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tok.vocab_size))
+    spec = DataSpec(config.model.max_seq_len, dc.batch_stride, dc.batch_size, dc.grad_accum_steps, dc.shuffle,
+                    rc.seed, tok.pad_id, rank, world_size)
+    steps_per_epoch = spec.steps_per_epoch(len(tokens))
+    optimizer, schedule = optimizer_from_config(config.optim, steps_per_epoch, steps_per_epoch * rc.num_epochs)
+    header = checkpoint.make_header(config, {"name": tok.name, "sha256": tok.sha256, "path": tok_path},
+                                    {"sha256": sha256_file(Path(dc.dataset)), "tokens": len(encoded.ids)}, world_size)
+
+    path = checkpoint.target(rc.model)
+    checkpoint.refuse_to_overwrite(path, {"dataset": dc.dataset, "tokenizer": tok_path})
+    with checkpoint.locked(path) if rank == 0 else contextlib.nullcontext():
+        checkpoint.remove_stale_temporaries(path)
+        state = init_state(init_params(config.model, rc.seed, device=device), optimizer, seed=rc.seed)
+        progress, applied = None, []
+        if path.exists() and not rc.fresh:
+            state, progress, applied = _resume(path, header, state, config)
+        # The config is the truth for every hyperparameter, restored state or not.
+        state = state._replace(opt_state=optim.set_hyperparams(state.opt_state, **hyperparams_of(config.optim)))
+        all_reduce = None
+        if world:
+            distributed.broadcast_(state.params)  # every rank starts from rank 0's parameters
+            all_reduce = distributed.all_reduce_sum_
+        loss_fn = loss_fn or loss_from_config(rc.criterion, rc.label_smoothing)
+        step = make_train_step(config.model, optimizer, loss_fn, reduction=rc.reduction,
+                               autocast_dtype=autocast_dtype, dropout_rate=rc.dropout, compile=rc.compile,
+                               device=device, all_reduce=all_reduce, rank=rank)
+        eval_step = None if val_tokens is None else make_eval_step(
+            config.model, loss_fn, autocast_dtype=autocast_dtype, compile=rc.compile, device=device)
+        if rank == 0:
+            on_event({"kind": "start", "path": path, "resumed": progress is not None, "changes": applied,
+                      "epoch": progress.epoch if progress else 0, "batch": progress.batch if progress else 0,
+                      "step": int(state.step), "params": num_params(config.model), "tokens": len(tokens),
+                      "dataset": dc.dataset, "cached": encoded.cached, "seconds": encoded.seconds,
+                      "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * rc.num_epochs,
+                      "device": device.type, "world_size": world_size,
+                      "batch_size": dc.batch_size, "grad_accum_steps": dc.grad_accum_steps})
+        try:
+            return fit(state, step, tokens, spec, num_epochs=rc.num_epochs, device=device, checkpoint_path=path,
+                       header=header, progress=progress, save_every=rc.save_every, val_tokens=val_tokens,
+                       eval_step=eval_step, lr_of=lambda s: optim.current_lr(s.opt_state, schedule),
+                       report=on_event, stop_requested=stop_requested)
+        finally:
+            if world:
+                distributed.shutdown()
+
+

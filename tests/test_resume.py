@@ -1,0 +1,148 @@
+"""Resume policy, tested by effect: a changed setting either changes the next steps as it says, or is
+refused with one line naming it. Never accepted and then ignored."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_FLAGS, invoke
+from minifn import checkpoint
+
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A checkpoint after 2 of 3 epochs (scheduler none, so the lr is the flag's value)."""
+    root = tmp_path_factory.mktemp("resume")
+    story = root / "story.txt"
+    story.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:600])
+    ckpt = root / "base.pt"
+    result = invoke("train", "--dataset", story, "--model", ckpt, *TINY_FLAGS, "--num-epochs", 2, *SETTINGS)
+    assert result.exit_code == 0, result.output
+    return story, ckpt
+
+
+SETTINGS = ["--scheduler", "none", "--lr", "3e-3", "--dropout", "0"]
+
+
+def resume(saved, tmp_path, *flags, epochs=3, name="copy"):
+    """Resume a copy of the saved checkpoint for one more epoch with flags replacing the base settings."""
+    story, ckpt = saved
+    copy = tmp_path / f"{name}.pt"
+    shutil.copy(ckpt, copy)
+    shutil.copy(checkpoint.metrics_path(ckpt), checkpoint.metrics_path(copy))
+    result = invoke("train", "--dataset", story, "--model", copy, *TINY_FLAGS, "--num-epochs", epochs, *SETTINGS,
+                    *flags)
+    return result, copy
+
+
+def params(path):
+    return {k: v for k, v in checkpoint.load(path)[0].items() if k.startswith("params.")}
+
+
+def steps(path):
+    return [json.loads(line) for line in checkpoint.metrics_path(path).read_text().splitlines()
+            if json.loads(line)["kind"] == "step"]
+
+
+def test_unchanged_resume_equals_an_uninterrupted_run(saved, tmp_path):
+    story, _ = saved
+    whole = tmp_path / "whole.pt"
+    assert invoke("train", "--dataset", story, "--model", whole, *TINY_FLAGS, "--num-epochs", 3, *SETTINGS
+                  ).exit_code == 0
+    result, resumed = resume(saved, tmp_path)
+    assert result.exit_code == 0 and "applied from now on (num_epochs: 2 != 3)\n" in result.output
+    assert all(torch.equal(a, b) for a, b in zip(params(whole).values(), params(resumed).values()))
+    assert [e["loss"] for e in steps(whole)] == [e["loss"] for e in steps(resumed)]  # log: none lost or doubled
+
+
+def test_a_new_learning_rate_is_used_by_the_next_steps(saved, tmp_path):
+    result, path = resume(saved, tmp_path, "--lr", "0.01")
+    assert result.exit_code == 0 and "lr: 0.003 != 0.01" in result.output
+    lrs = [e["lr"] for e in steps(path)]
+    per_epoch = len(lrs) // 3
+    assert lrs[: 2 * per_epoch] == [pytest.approx(3e-3)] * (2 * per_epoch)
+    assert lrs[2 * per_epoch:] == [pytest.approx(1e-2)] * per_epoch
+
+
+APPLIED = [  # each changes the parameters the resumed epoch produces
+    ["--lr", "0.02"],
+    ["--weight-decay", "0.5"],
+    ["--beta1", "0.5"],
+    ["--beta2", "0.9"],
+    ["--eps", "1e-3"],
+    ["--clip-grad", "1e-4"],
+    ["--dropout", "0.3"],
+    ["--scheduler", "cosine", "--t-max", "1"],
+    ["--warmup-steps", "30"],
+    ["--label-smoothing", "0.3"],
+    ["--grad-accum-steps", "2"],
+    ["--criterion", "mse"],
+]
+
+
+@pytest.mark.parametrize("flags", APPLIED, ids=[f[0] for f in APPLIED])
+def test_a_changed_setting_takes_effect(saved, tmp_path, flags):
+    _, unchanged = resume(saved, tmp_path, name="unchanged")
+    result, changed = resume(saved, tmp_path, *flags, name="changed")
+    assert result.exit_code == 0 and "Note: resuming with changed settings" in result.output, result.output
+    a, b = params(unchanged), params(changed)
+    assert any(not torch.equal(a[k], b[k]) for k in a), f"{flags} was accepted but changed nothing"
+
+
+def test_sgd_momentum_changes_take_effect(tmp_path, saved):
+    story, _ = saved
+    sgd = tmp_path / "sgd.pt"
+    flags = [*TINY_FLAGS, "--optimizer", "sgd", "--momentum", "0.9", "--scheduler", "none"]
+    assert invoke("train", "--dataset", story, "--model", sgd, *flags, "--num-epochs", 1).exit_code == 0
+    results = {}
+    for momentum in ("0.9", "0.5"):
+        copy = tmp_path / f"m{momentum}.pt"
+        shutil.copy(sgd, copy)
+        assert invoke("train", "--dataset", story, "--model", copy, *flags, "--num-epochs", 2,
+                      "--momentum", momentum).exit_code == 0
+        results[momentum] = params(copy)
+    assert any(not torch.equal(results["0.9"][k], results["0.5"][k]) for k in results["0.9"])
+
+
+REFUSED = [
+    (["--batch-size", "3"], "batch_size: 2 != 3"),
+    (["--batch-stride", "8"], "batch_stride: 16 != 8"),
+    (["--no-shuffle"], "shuffle: True != False"),
+    (["--val-fraction", "0.2"], "val_fraction: 0.0 != 0.2"),
+    (["--seed", "5"], "seed: 0 != 5"),
+    (["--optimizer", "adam"], "optimizer: 'adamw' != 'adam'"),
+    (["--amsgrad"], "amsgrad: False != True"),
+    (["--embed-dim", "24"], "embed_dim: 16 != 24"),
+]
+
+
+@pytest.mark.parametrize("flags,message", REFUSED, ids=[f[0] for f, _ in REFUSED])
+def test_a_setting_that_breaks_resume_is_refused_by_name(saved, tmp_path, flags, message):
+    _, original = saved
+    result, copy = resume(saved, tmp_path, *flags)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "--fresh" in result.output
+    assert copy.read_bytes() == original.read_bytes()
+
+
+def test_changed_dataset_is_refused_unless_new_data(saved, tmp_path):
+    story, _ = saved
+    edited = tmp_path / "edited.txt"
+    edited.write_text(story.read_text() + " One more line.")
+    _, copy = resume(saved, tmp_path)
+    refused = invoke("train", "--dataset", edited, "--model", copy, *TINY_FLAGS, "--num-epochs", 4, *SETTINGS)
+    assert refused.exit_code == 1 and "the dataset's contents" in refused.output and "--new-data" in refused.output
+    accepted = invoke("train", "--dataset", edited, "--model", copy, *TINY_FLAGS, "--num-epochs", 1, *SETTINGS,
+                      "--new-data")
+    assert accepted.exit_code == 0 and "new data" in accepted.output
+    tensors, meta = checkpoint.load(copy)
+    assert int(tensors["step"]) > 15 and meta["progress"]["epoch"] == 1  # the model went on, the data restarted
+
+
+def test_fewer_epochs_than_trained_is_nothing_to_do(saved, tmp_path):
+    result, copy = resume(saved, tmp_path, epochs=1)
+    assert result.exit_code == 1 and "already trained 2 epoch(s)" in result.output
+    assert "Training complete" not in result.output

@@ -46,6 +46,7 @@ class Progress:
     loss_sum: float = 0.0
     tokens: int = 0
     history: list = field(default_factory=list)  # [epoch, avg loss] of finished epochs
+    best_val: float | None = None  # the lowest validation loss so far (the best checkpoint's)
 
 
 # ----------------------------------------------------------------------------------- flat trees

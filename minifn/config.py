@@ -64,8 +64,9 @@ class Settings:
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
             value, default = getattr(self, f.name), f.default
-            if f.metadata.get("choices") and value not in f.metadata["choices"]:
-                raise ConfigError(f"unknown {flag(f.name)} {value!r}; choose one of: {', '.join(f.metadata['choices'])}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"unknown {flag(f.name)} {value!r}; choose one of: {', '.join(choices)}")
             if isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{flag(f.name)} must be true or false, got {value!r}")
@@ -206,8 +207,18 @@ class RunConfig(Settings):
     model: str = setting("checkpoints/mini.pt", "Checkpoint to write, and to resume from if it exists.")
     fresh: bool = setting(False, "Start over even if the checkpoint exists.")
     new_data: bool = setting(False, "Resume the model and optimizer on a changed dataset, from its first batch.")
+    init_from: str = setting("", "Start from these weights: a minifn checkpoint or a Hugging Face Llama folder "
+                             "(the architecture comes from it; --max-seq-len still sets the windows).",
+                             on_resume=REFUSE)
     num_epochs: int = setting(60, "Epochs to train in all (a resumed run continues to this).", aliases=("--epochs",))
+    max_steps: int = setting(0, "Stop after this many optimizer steps in all, if sooner (0: no limit).", unit="steps")
+    max_tokens: int = setting(0, "Stop after this many training tokens in all, if sooner (0: no limit).",
+                              unit="tokens")
     save_every: int = setting(10, "Save every N epochs (0: only at the end).", unit="epochs")
+    save_every_steps: int = setting(0, "Also save every N steps (0: off).", unit="steps")
+    eval_every: int = setting(0, "Evaluate on the validation split every N steps (0: at every epoch's end).",
+                              unit="steps")
+    eval_tokens: int = setting(0, "Evaluate on at most this many validation tokens (0: all of them).")
     seed: int = setting(0, "Seed of the initial parameters, the shuffle and dropout.", on_resume=REFUSE)
     criterion: str = setting("cross_entropy", "Loss.", choices=CRITERIA)
     reduction: str = setting("mean", "Average the loss per target token, or sum it.", choices=REDUCTIONS)
@@ -224,7 +235,8 @@ class RunConfig(Settings):
         self._check_types()
         self._check_only_for()
         _check_number("num_epochs", self.num_epochs, int, positive=True)
-        _check_number("save_every", self.save_every, int, minimum=0)
+        for name in ("save_every", "max_steps", "max_tokens", "save_every_steps", "eval_every", "eval_tokens"):
+            _check_number(name, getattr(self, name), int, minimum=0)
         _check_number("seed", self.seed, int, minimum=0)
         if self.seed > MAX_SEED:
             raise ConfigError(f"--seed must be at most {MAX_SEED} (32 bits), got {self.seed}")

@@ -130,26 +130,32 @@ def evaluate(eval_step, params, tokens, spec: DataSpec, device) -> tuple[float, 
 
 
 def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_epochs: int, device,
-        checkpoint_path: Path, header: dict, progress: Progress | None = None, save_every: int = 0,
-        val_tokens=None, eval_step: Callable | None = None, lr_of: Callable[[TrainState], torch.Tensor] | None = None,
-        report: Callable[[dict], None] = lambda event: None,
+        checkpoint_path: Path, header: dict, progress: Progress | None = None, max_steps: int | None = None,
+        save_every: int = 0, save_every_steps: int = 0, evaluate: Callable[[dict], dict] | None = None,
+        eval_every: int = 0, best_path: Path | None = None,
+        lr_of: Callable[[TrainState], torch.Tensor] | None = None, report: Callable[[dict], None] = lambda e: None,
         stop_requested: Callable[[], int | None] = lambda: None) -> TrainState:
-    """Train from progress (a fresh run when None) to the end of num_epochs; returns the final state.
+    """Train from progress (a fresh run when None) until num_epochs or max_steps, whichever comes first.
 
     Args:
       state: the TrainState to start from (restored from the checkpoint when resuming).
       train_step: step(state, (inputs, targets)) -> (state, metrics with loss, grad_norm, tokens).
       tokens: the training token ids (a tensor, or any sequence minifn.data.batches reads).
       spec: how tokens become batches (and this process's rank in data parallel).
-      num_epochs: train until this many epochs are done.
+      num_epochs: train until this many epochs are done ...
+      max_steps: ... or until state.step reaches this (None: no step budget).
       device: where batches go.
       checkpoint_path: where to save; the metrics log sits beside it (checkpoint.metrics_path).
-      header: the checkpoint header (config, tokenizer, data identity, run_id, world_size).
+      header: the checkpoint header (checkpoint.make_header).
       progress: the position to resume from; None starts a fresh run.
       save_every: save every this many epochs (0: only at the end); the end and interrupts always save.
-      val_tokens, eval_step: evaluate on these tokens at the end of every epoch (both or neither).
+      save_every_steps: also save every this many steps (0: never by steps).
+      evaluate: evaluate(params) -> {"val_loss": ..., ...} on the validation split.
+      eval_every: evaluate every this many steps and at the end, as "eval" events; 0 evaluates at the end
+        of every epoch instead, in the epoch event.
+      best_path: where to keep the checkpoint with the lowest validation loss (None: not kept).
       lr_of: the learning rate of the next step as a 0-D tensor, for the log.
-      report: receives every event, {"kind": "step" | "epoch", ...} (rank 0 only).
+      report: receives every event, {"kind": "step" | "epoch" | "eval", ...} (rank 0 only).
       stop_requested: returns a signal number when the run should save and raise Interrupted; it must
         give the same answer on every rank."""
     resumed = progress is not None
@@ -157,6 +163,7 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
     main = spec.rank == 0
     per_epoch = spec.batches_per_epoch(len(tokens))
     step = int(state.step)
+    max_steps = max_steps or float("inf")
     log = MetricsLog(checkpoint.metrics_path(checkpoint_path), header["run_id"], step, resumed, main)
     pending = None  # the last step's metrics, read after the next step is queued
 
@@ -182,17 +189,26 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
         emit({"kind": "step", "step": at, "epoch": epoch, "batch": batch, "batches": per_epoch, "loss": loss,
               "lr": None if math.isnan(lr) else lr, "grad_norm": grad_norm, "tokens_per_s": count / max(seconds, 1e-9)})
 
-    def save():
+    def save(path=checkpoint_path):
         resolve()
         log.sync()
         if not main:
             return None
-        path = checkpoint.save_state(checkpoint_path, state, progress, header)
-        log.saved()
-        return path
+        saved = checkpoint.save_state(path, state, progress, header)
+        if path == checkpoint_path:
+            log.saved()
+        return saved
+
+    def run_eval() -> dict:
+        resolve()
+        result = evaluate(state.params)
+        if best_path is not None and (progress.best_val is None or result["val_loss"] < progress.best_val):
+            progress.best_val = result["val_loss"]
+            result["best"] = str(save(best_path))
+        return result
 
     try:
-        while progress.epoch < num_epochs:
+        while progress.epoch < num_epochs and step < max_steps:
             epoch_start = time.perf_counter()
             for group in _groups(tokens, spec, progress.epoch, progress.batch):
                 if (signum := stop_requested()) is not None:
@@ -208,20 +224,31 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
                                       m["loss"].new_tensor(float("nan")) if lr is None else lr]).to(torch.float64)
                 resolve(end=started)
                 pending = (values, step, progress.epoch + 1, progress.batch, started)
+                last = step >= max_steps
+                if evaluate is not None and eval_every and (step % eval_every == 0 or last):
+                    emit({"kind": "eval", "step": step, "epoch": progress.epoch + 1, **run_eval()})
+                if save_every_steps and step % save_every_steps == 0 and not last:
+                    save()
+                if last:
+                    break
             resolve()
+            if progress.batch < per_epoch:  # the step budget ended the run inside this epoch
+                break
             avg = progress.loss_sum / max(progress.tokens, 1)
             event = {"kind": "epoch", "epoch": progress.epoch + 1, "epochs": num_epochs, "step": step,
                      "loss": avg, "seconds": time.perf_counter() - epoch_start}
-            if val_tokens is not None and eval_step is not None:
-                event["val_loss"] = evaluate(eval_step, state.params, val_tokens, spec, device)[0]
+            if evaluate is not None and not eval_every:
+                event.update(run_eval())
             progress.history.append([progress.epoch + 1, avg])
             progress.epoch, progress.batch, progress.loss_sum, progress.tokens = progress.epoch + 1, 0, 0.0, 0
             saving = (save_every and progress.epoch % save_every == 0) or progress.epoch == num_epochs
             if saving and main:
                 event["checkpoint"] = str(checkpoint_path)
             emit(event)
-            if saving:
+            if saving and step < max_steps:
                 save()
+        if step >= max_steps:
+            save()
     finally:
         log.close()
     return state

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -24,9 +25,10 @@ import torch
 
 from minifn import checkpoint, optim, schedules
 from minifn.checkpoint import CheckpointError
-from minifn.config import Config, ConfigError, OptimConfig
-from minifn.losses import LOSSES, Loss, cross_entropy
+from minifn.config import Config, ConfigError, ModelConfig, OptimConfig
 from minifn.loop import DataSpec, fit
+from minifn.loop import evaluate as evaluate_tokens
+from minifn.losses import LOSSES, Loss, cross_entropy
 from minifn.model import init_params, num_params
 from minifn.step import TrainState, init_state, make_eval_step, make_train_step
 
@@ -93,7 +95,45 @@ def _split(tokens: torch.Tensor, val_fraction: float, dataset) -> tuple[torch.Te
     return train, val
 
 
-def _resume(path: Path, header: dict, template: TrainState, config: Config):
+def step_budget(rc, tokens_per_step: int) -> int | None:
+    """The step at which --max-steps or --max-tokens ends the run, whichever is sooner (None: neither set)."""
+    budgets = [rc.max_steps] if rc.max_steps else []
+    if rc.max_tokens:
+        budgets.append(max(1, math.ceil(rc.max_tokens / tokens_per_step)))
+    return min(budgets) if budgets else None
+
+
+def best_path(path: Path) -> Path:
+    """Where the checkpoint with the lowest validation loss is kept: mini.pt -> mini.best.pt."""
+    return path.with_name(f"{path.stem}.best{path.suffix}")
+
+
+def _evaluator(eval_step, val_tokens: torch.Tensor, tok, spec: DataSpec, device) -> Callable[[dict], dict]:
+    """evaluate(params) -> validation loss, perplexity and bits per byte of the decoded validation text."""
+    num_bytes = max(1, len(tok.decode(val_tokens.tolist()).encode("utf-8")))
+
+    def evaluate(params) -> dict:
+        loss, count = evaluate_tokens(eval_step, params, val_tokens, spec, device)
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700)),
+                "val_bpb": loss * count / math.log(2) / num_bytes, "val_tokens": count}
+
+    return evaluate
+
+
+def _init_source(source: str, device) -> tuple[dict, ModelConfig, str]:
+    """(params, model config, tokenizer sha256) of --init-from: a minifn checkpoint or a Hugging Face folder."""
+    from minifn.tokenizer import sha256_file
+
+    if Path(source).is_dir():
+        from minifn.hf import load_pretrained
+
+        params, model, tokenizer_path = load_pretrained(source, device)
+        return params, model, sha256_file(tokenizer_path)
+    params, model, meta = checkpoint.load_params(source, device)
+    return params, model, meta["tokenizer"]["sha256"]
+
+
+def _resume(path: Path, header: dict, template: TrainState, config: Config, budget: int | None):
     """(state, progress, applied changes) from the checkpoint at path, or a CheckpointError naming what
     makes it another run: another model, tokenizer, data, process count, or a setting that breaks resume."""
     tensors, saved = checkpoint.load(path)
@@ -122,6 +162,9 @@ def _resume(path: Path, header: dict, template: TrainState, config: Config):
         raise CheckpointError(f"checkpoint {path} has already trained {progress.epoch} epoch(s), and "
                               f"--num-epochs is {config.run.num_epochs}: nothing to do; raise --num-epochs to "
                               "train further")
+    elif budget is not None and int(state.step) >= budget:
+        raise CheckpointError(f"checkpoint {path} has already taken {int(state.step)} steps, the whole budget of "
+                              f"this run ({budget}): nothing to do; raise --max-steps or --max-tokens")
     header["run_id"] = saved["run_id"]
     return state, progress, applied
 
@@ -158,11 +201,20 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
     if dc.batch_stride > config.model.max_seq_len:
         raise ConfigError(f"--batch-stride {dc.batch_stride} is larger than --max-seq-len {config.model.max_seq_len}:"
                           " tokens between windows would never be trained on")
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tok.vocab_size))
+    init = _init_source(rc.init_from, device) if rc.init_from else None
+    if init is None:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tok.vocab_size))
+    else:
+        if init[2] != tok.sha256:
+            raise ConfigError(f"--init-from {rc.init_from} was trained with another tokenizer than --tokenizer "
+                              f"{dc.tokenizer}; pass the tokenizer it was trained with")
+        config = dataclasses.replace(config, model=dataclasses.replace(init[1], max_seq_len=config.model.max_seq_len))
     spec = DataSpec(config.model.max_seq_len, dc.batch_stride, dc.batch_size, dc.grad_accum_steps, dc.shuffle,
                     rc.seed, tok.pad_id, rank, world_size)
     steps_per_epoch = spec.steps_per_epoch(len(tokens))
-    optimizer, schedule = optimizer_from_config(config.optim, steps_per_epoch, steps_per_epoch * rc.num_epochs)
+    budget = step_budget(rc, dc.batch_size * world_size * dc.grad_accum_steps * spec.seq_len)
+    total_steps = min(steps_per_epoch * rc.num_epochs, budget or math.inf)  # what the schedule spans
+    optimizer, schedule = optimizer_from_config(config.optim, steps_per_epoch, total_steps)
     header = checkpoint.make_header(config, {"name": tok.name, "sha256": tok.sha256, "path": tok_path},
                                     {"sha256": sha256_file(Path(dc.dataset)), "tokens": len(encoded.ids)}, world_size)
 
@@ -170,10 +222,11 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
     checkpoint.refuse_to_overwrite(path, {"dataset": dc.dataset, "tokenizer": tok_path})
     with checkpoint.locked(path) if rank == 0 else contextlib.nullcontext():
         checkpoint.remove_stale_temporaries(path)
-        state = init_state(init_params(config.model, rc.seed, device=device), optimizer, seed=rc.seed)
+        params = init_params(config.model, rc.seed, device=device) if init is None else init[0]
+        state = init_state(params, optimizer, seed=rc.seed)
         progress, applied = None, []
         if path.exists() and not rc.fresh:
-            state, progress, applied = _resume(path, header, state, config)
+            state, progress, applied = _resume(path, header, state, config, budget)
         # The config is the truth for every hyperparameter, restored state or not.
         state = state._replace(opt_state=optim.set_hyperparams(state.opt_state, **hyperparams_of(config.optim)))
         all_reduce = None
@@ -184,20 +237,23 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
         step = make_train_step(config.model, optimizer, loss_fn, reduction=rc.reduction,
                                autocast_dtype=autocast_dtype, dropout_rate=rc.dropout, compile=rc.compile,
                                device=device, all_reduce=all_reduce, rank=rank)
-        eval_step = None if val_tokens is None else make_eval_step(
-            config.model, loss_fn, autocast_dtype=autocast_dtype, compile=rc.compile, device=device)
+        evaluate = None if val_tokens is None else _evaluator(
+            make_eval_step(config.model, loss_fn, autocast_dtype=autocast_dtype, compile=rc.compile, device=device),
+            val_tokens[: rc.eval_tokens + 1] if rc.eval_tokens else val_tokens, tok, spec, device)
         if rank == 0:
             on_event({"kind": "start", "path": path, "resumed": progress is not None, "changes": applied,
                       "epoch": progress.epoch if progress else 0, "batch": progress.batch if progress else 0,
                       "step": int(state.step), "params": num_params(config.model), "tokens": len(tokens),
                       "dataset": dc.dataset, "cached": encoded.cached, "seconds": encoded.seconds,
-                      "steps_per_epoch": steps_per_epoch, "total_steps": steps_per_epoch * rc.num_epochs,
+                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                       "device": device.type, "world_size": world_size,
                       "batch_size": dc.batch_size, "grad_accum_steps": dc.grad_accum_steps})
         try:
-            return fit(state, step, tokens, spec, num_epochs=rc.num_epochs, device=device, checkpoint_path=path,
-                       header=header, progress=progress, save_every=rc.save_every, val_tokens=val_tokens,
-                       eval_step=eval_step, lr_of=lambda s: optim.current_lr(s.opt_state, schedule),
+            return fit(state, step, tokens, spec, num_epochs=rc.num_epochs, max_steps=budget, device=device,
+                       checkpoint_path=path, header=header, progress=progress, save_every=rc.save_every,
+                       save_every_steps=rc.save_every_steps, evaluate=evaluate, eval_every=rc.eval_every,
+                       best_path=None if evaluate is None else best_path(path),
+                       lr_of=lambda s: optim.current_lr(s.opt_state, schedule),
                        report=on_event, stop_requested=stop_requested)
         finally:
             if world:

@@ -295,3 +295,31 @@ def test_import_refuses_pickled_weights_and_an_existing_output(tmp_path, tiny_to
     assert (tmp_path / "taken.pt").read_text() == "someone's file"
     (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "pytorch_model.bin")
     assert_one_line_error(run("import", "--input", tmp_path / "hf", "--output", tmp_path / "out.pt"), ".bin")
+
+
+def test_train_init_from_a_transformers_folder_starts_from_its_weights(tmp_path, tiny_tokenizer):
+    """Fine-tuning: the first step's loss is the imported model's loss on that batch (not a random model's),
+    and the same command resumes; a tokenizer other than the folder's is refused."""
+    model = hf_random_model("llama", dict(num_attention_heads=4, hidden_size=16, intermediate_size=24), 400, 12)
+    model.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(tiny_tokenizer, tmp_path / "hf" / "tokenizer.model")
+    story = tmp_path / "story.txt"
+    story.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:1200])
+    flags = ["--dataset", story, "--model", tmp_path / "tuned.pt", "--tokenizer", tiny_tokenizer,
+             "--init-from", tmp_path / "hf", "--max-seq-len", 16, "--batch-stride", 16, "--batch-size", 1,
+             "--no-shuffle", "--compile", "off", "--lr", "1e-3", "--scheduler", "none", "--clip-grad", "0"]
+    result = run("train", *flags, "--num-epochs", 2)
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line) for line in checkpoint.metrics_path(tmp_path / "tuned.pt").read_text().splitlines()
+             if '"kind": "step"' in line]
+    ids = load_tokenizer(tiny_tokenizer).encode(story.read_text())
+    first = torch.tensor([ids[:17]])
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(first[:, :16]).logits[0], first[0, 1:]).item()
+    assert steps[0]["loss"] == pytest.approx(want, rel=1e-5)
+    assert checkpoint.load(tmp_path / "tuned.pt")[1]["config"]["model"]["embed_dim"] == 16  # from the folder
+    resumed = run("train", *flags, "--num-epochs", 3)
+    assert resumed.exit_code == 0 and "Resuming from" in resumed.output
+    other = run("train", "--dataset", story, "--model", tmp_path / "x.pt", "--init-from", tmp_path / "hf",
+                "--num-epochs", 1, "--compile", "off")  # with Mistral's tokenizer, not the folder's
+    assert other.exit_code == 1 and "another tokenizer" in other.output

@@ -11,7 +11,6 @@ from conftest import ROOT, TINY_FLAGS, invoke
 from minifn import checkpoint
 
 
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A checkpoint after 2 of 3 epochs (scheduler none, so the lr is the flag's value)."""

@@ -10,9 +10,9 @@ from torch._dynamo.utils import counters
 
 from conftest import tiny_config, unique_graphs
 from minifn import optim
-from minifn.data import batches
 from minifn.checkpoint import load_state, make_header
 from minifn.config import Config
+from minifn.data import batches
 from minifn.loop import DataSpec, Interrupted, fit
 from minifn.losses import IGNORE_INDEX
 from minifn.model import init_params

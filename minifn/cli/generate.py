@@ -25,14 +25,13 @@ from minifn.cli.base import DEFAULT_CHECKPOINT, UserError, cli, load_model, one_
               show_default=True, help="Compile the decode step (pays off for long generations).")
 @click.option("--verbose", is_flag=True)
 @one_line_errors
-def generate(checkpoint_path, tokenizer, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, greedy, seed,
-             device, compile_mode, verbose):
+def generate(checkpoint_path, tokenizer, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, greedy,
+             seed, device, compile_mode, verbose):
     """Continue a prompt with a trained model, streaming text as it is produced."""
     import torch
 
     from minifn.generate import TextStream, make_decode_step
     from minifn.generate import generate as generate_ids
-
     from minifn.run import resolve_device
 
     device = resolve_device(device)

@@ -60,6 +60,12 @@ class Printer:
                 line += f" [Val Perplexity: {_perplexity(e['val_loss']):.6f}]"
         self.echo(line)
 
+    def eval(self, e: dict) -> None:
+        line = f"[Step: {e['step']}] [Val Loss: {e['val_loss']:.4f}]"
+        if self.criterion == "cross_entropy":
+            line += f" [Val Perplexity: {e['val_perplexity']:.4f}] [Val BPB: {e['val_bpb']:.4f}]"
+        self.echo(line + (" [best]" if "best" in e else ""))
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from minifn.compiling import maybe_compile
 from minifn.config import ModelConfig
 from minifn.model import KVCache, Params, apply_cached, init_cache, skeleton
-from minifn.compiling import maybe_compile
 
 
 class GenerationError(ValueError):

@@ -18,12 +18,11 @@ import optree
 import torch
 from torch import Tensor
 
-from minifn import optim
+from minifn import optim, rng
 from minifn.compiling import maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import IGNORE_INDEX, Loss, cross_entropy
 from minifn.model import Params, apply, skeleton
-from minifn import rng
 from minifn.rng import fold_in
 
 Batch = tuple[Tensor, Tensor]  # (inputs, targets): [B, T], or [A, B, T] for A accumulation micro-batches

@@ -24,10 +24,9 @@ def evaluate(checkpoint_path, tokenizer, dataset, batch_stride, batch_size, devi
 
     from minifn.loop import DataSpec
     from minifn.loop import evaluate as evaluate_tokens
-    from minifn.tokenizer import encode_file, read_text
-    from minifn.step import make_eval_step
-
     from minifn.run import resolve_device
+    from minifn.step import make_eval_step
+    from minifn.tokenizer import encode_file, read_text
 
     device = resolve_device(device)
     params, config, tok, _ = load_model(checkpoint_path, device, tokenizer)

@@ -122,10 +122,14 @@ def test_dropout_draws_from_the_state_key_and_the_step():
     assert not torch.equal(one_step(1, 0.2), one_step(1, 0.0))
 
 
+def DECAY(s, lr):
+    return lr * 0.99 ** s.to(lr.dtype)
+
+
 def _run(tmp_path, name, stop_after=None, progress=None, state=None):
     spec = DataSpec(seq_len=16, stride=8, batch_size=3, grad_accum_steps=2, shuffle=True, seed=5)
     tokens = torch.arange(300) % CONFIG.vocab_size
-    tx = optim.adamw(lr=1e-2, schedule=lambda s, lr: lr * 0.99 ** s.to(lr.dtype))
+    tx = optim.adamw(lr=1e-2, schedule=DECAY)
     state = state or init_state(init_params(CONFIG, 0), tx, seed=7)
     step = make_train_step(CONFIG, tx, dropout_rate=0.1, compile="off")  # resume must restore the RNG too
     calls = iter(range(10**6))
@@ -133,7 +137,8 @@ def _run(tmp_path, name, stop_after=None, progress=None, state=None):
     path = tmp_path / f"{name}.pt"
     return fit(state, step, tokens, spec, num_epochs=3, device="cpu", checkpoint_path=path,
                header=make_header(Config(), {"name": "t", "sha256": "0"}, {"sha256": "0", "tokens": 300}),
-               progress=progress, save_every=1, stop_requested=stop), path, tx
+               progress=progress, save_every=1, stop_requested=stop,
+               lr_of=lambda s: optim.current_lr(s.opt_state, DECAY)), path, tx
 
 
 @pytest.mark.parametrize("stop_after", [3, 7, 13])  # mid-epoch, mid-epoch after a save, near the end
@@ -150,3 +155,26 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, stop_after):
     assert int(resumed.step) == int(uninterrupted.step)
     for a, b in zip(optree.tree_leaves(resumed), optree.tree_leaves(uninterrupted)):
         assert torch.equal(a, b)
+
+
+def test_metrics_read_one_step_late_are_exact(tmp_path):
+    """fit reads step k's metrics after queueing step k+1; the logged values must be step k's own."""
+    import json
+
+    from minifn import checkpoint
+
+    _, path, tx = _run(tmp_path, "log")
+    logged = [json.loads(line) for line in checkpoint.metrics_path(path).read_text().splitlines()]
+    logged = [e for e in logged if e["kind"] == "step"]
+    spec = DataSpec(seq_len=16, stride=8, batch_size=3, grad_accum_steps=2, shuffle=True, seed=5)
+    from minifn.loop import _groups
+
+    state = init_state(init_params(CONFIG, 0), tx, seed=7)
+    step = make_train_step(CONFIG, tx, dropout_rate=0.1, compile="off")
+    expected = []
+    for epoch in range(3):
+        for group in _groups(torch.arange(300) % CONFIG.vocab_size, spec, epoch, 0):
+            lr = optim.current_lr(state.opt_state, DECAY)
+            state, m = step(state, (torch.stack([g[0] for g in group]), torch.stack([g[1] for g in group])))
+            expected.append((int(state.step), float(m["loss"]), float(m["grad_norm"]), float(lr)))
+    assert [(e["step"], e["loss"], e["grad_norm"], e["lr"]) for e in logged] == expected

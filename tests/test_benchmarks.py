@@ -14,6 +14,7 @@ SCRIPTS = [
     ("swap.py", ["--quick", "--config", "tiny", "--k", "2"], "## Swapping parameter trees"),
     ("generate.py", ["--quick", "--config", "tiny", "--new-tokens", "6", "--prompt-tokens", "4"], "## Generation"),
     ("profile_step.py", ["--configs", "tiny"], "## Where the time goes"),
+    ("data.py", ["--quick"], "## Data: prepare and reading from shards"),
 ]
 
 

@@ -1,11 +1,12 @@
 """The strided batcher: window arithmetic against brute force, padding, shapes, shuffling, resume."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minifn.data import batches, num_batches, num_windows, windows
+from minifn.data import batches, eval_batches, keyed_permutation, num_batches, num_windows, window_order, windows
 from minifn.losses import IGNORE_INDEX
 
 
@@ -101,3 +102,70 @@ def test_resume_from_position_yields_the_identical_rest():
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 2 tokens"):
         list(batches([1], 4, 2, 1))
+
+
+# ------------------------------------------------------------------ the keyed per-index permutation
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 3000), key=st.integers(0, 2**64 - 1))
+def test_keyed_permutation_is_a_permutation(n, key):
+    assert sorted(keyed_permutation(np.arange(n), n, key).tolist()) == list(range(n))
+
+
+def test_keyed_permutation_per_index_is_the_whole_permutation_and_looks_random(recorded_seed):
+    n, key = 1000, recorded_seed
+    whole = keyed_permutation(np.arange(n), n, key)
+    picked = np.random.default_rng(recorded_seed).choice(n, 50, replace=False)
+    assert np.array_equal(keyed_permutation(picked, n, key), whole[picked])  # any index alone, same answer
+    assert (whole == np.arange(n)).sum() < 20 and abs(np.corrcoef(whole, np.arange(n))[0, 1]) < 0.2
+
+
+def test_window_order_is_deterministic_per_seed_and_epoch_and_needs_no_table():
+    order = window_order(10**12, epoch=3, shuffle=True, seed=5)  # a permutation of 10^12 indices, computed per index
+    first = order[0:1000]
+    assert len(set(first.tolist())) == 1000 and int(first.max()) < 10**12
+    assert torch.equal(first, window_order(10**12, 3, True, 5)[0:1000])
+    assert not torch.equal(first, window_order(10**12, 4, True, 5)[0:1000])
+    assert not torch.equal(first, window_order(10**12, 3, True, 6)[0:1000])
+    assert window_order(7, 0, False, 0)[0:7].tolist() == list(range(7))
+
+
+def reference_batches(tokens, T, S, B, order, pad_id, ignore=IGNORE_INDEX):
+    """The original whole-corpus implementation: every window as a padded, unfolded tensor, rows gathered."""
+    n = num_windows(len(tokens), T, S)
+    length = (n - 1) * S + T
+    inputs = torch.full((length,), pad_id, dtype=torch.long)
+    targets = torch.full((length,), ignore, dtype=torch.long)
+    inputs[: min(length, len(tokens))] = tokens[:length]
+    targets[: min(length, len(tokens) - 1)] = tokens[1 : length + 1]
+    inputs, targets = inputs.unfold(0, T, S), targets.unfold(0, T, S)
+    for b in range(0, n, B):
+        rows = order[b : b + B]
+        x, y = inputs[rows], targets[rows]
+        fill = B - len(rows)
+        yield (torch.cat([x, torch.full((fill, T), pad_id, dtype=torch.long)]),
+               torch.cat([y, torch.full((fill, T), ignore, dtype=torch.long)]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 120), T=st.integers(1, 16), S=st.integers(1, 16), B=st.integers(1, 4), shuffle=st.booleans(),
+       epoch=st.integers(0, 3), world=st.integers(1, 3), data=st.data())
+def test_sliced_batches_equal_the_original_window_tensors(n, T, S, B, shuffle, epoch, world, data):
+    S, rank = min(S, T), data.draw(st.integers(0, world - 1))
+    tokens = torch.arange(100, 100 + n)
+    order = window_order(num_windows(n, T, S), epoch, shuffle, 7)[:]
+    expected = [(x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B])  # this rank's rows of each global batch
+                for x, y in reference_batches(tokens, T, S, B * world, order, pad_id=1)]
+    kw = dict(epoch=epoch, shuffle=shuffle, seed=7, pad_id=1, rank=rank, world_size=world)
+    got = list(batches(tokens, T, S, B, **kw))
+    assert len(got) == len(expected)
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, expected))
+    as_numpy = list(batches(tokens.numpy().astype(np.uint16), T, S, B, **kw))
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(as_numpy, expected))
+
+
+def test_eval_batches_score_every_target_once():
+    tokens = torch.arange(1, 60)
+    scored = torch.cat([y[y != IGNORE_INDEX] for _, y in eval_batches(tokens, 8, 3, 4)])
+    assert scored.tolist() == tokens[1:].tolist()

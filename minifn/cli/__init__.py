@@ -5,13 +5,14 @@ or from the environment as MINIFN_<COMMAND>_<OPTION>, e.g. MINIFN_TRAIN_LR=3e-4.
 
     base.py      the group, one-line errors, devices, config files, loading a trained model
     tokenize.py  minifn tokenize, minifn tokenizer train
+    prepare.py   minifn prepare (text, JSONL, Parquet to token shards)
     train.py     minifn train
     generate.py  minifn generate
     evaluate.py  minifn eval, minifn plot
     hf.py        minifn export, minifn import (the Hugging Face Llama format)
 """
 
-from minifn.cli import evaluate, generate, hf, tokenize, train  # noqa: F401 - importing registers the commands
+from minifn.cli import evaluate, generate, hf, prepare, tokenize, train  # noqa: F401 - importing registers the commands
 from minifn.cli.base import cli
 
 __all__ = ["cli", "main"]

@@ -5,16 +5,22 @@ Every hyperparameter and step counter lives in the state as a 0-D tensor (float6
 for counts, on the parameters' device), so a new learning rate or a new step is new data, not a new
 graph for `torch.compile`. Change one with `set_hyperparams(state, lr=...)`. The aliases `sgd`, `adam`
 and `adamw` reproduce `torch.optim`'s arithmetic and defaults.
+
+The blocks work on flat lists of leaves with `torch._foreach_*` ops. Inputs are never modified: each
+block allocates its outputs and finishes them in place, because on CPU a new model-sized list costs up
+to ten times an in-place pass (page faults), and each one alive is another copy of the model in memory.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import optree
 import torch
 from torch import Tensor
+from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor
 
 Tree = Any
 Schedule = Callable[[Tensor, Tensor], Tensor]  # (step, base_lr) -> lr, see minifn.schedules
@@ -49,10 +55,37 @@ def _once(scalar: Tensor) -> Tensor:
     return torch.stack([scalar, torch.zeros_like(scalar)]).sum(0)
 
 
-def _as(scalar: Tensor, like: Tensor) -> Tensor:
-    """A float64 0-D hyperparameter in the leaf's dtype: per-step scalars are computed in float64 (as
-    torch.optim does in Python), elementwise math in the parameter dtype, which keeps kernels vectorised."""
-    return scalar.to(like.dtype)
+def _as(scalar: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+    """A float64 0-D hyperparameter in each leaf's dtype, one per leaf: per-step scalars are computed in
+    float64 (as torch.optim does in Python), elementwise math in the parameter dtype, which keeps kernels
+    vectorised (and a 0-D leaf's dtype from being promoted)."""
+    cast = {dtype: scalar.to(dtype) for dtype in {x.dtype for x in leaves}}
+    return [cast[x.dtype] for x in leaves]
+
+
+def _each(op: str, *lists: list[Tensor]) -> list[Tensor]:
+    """torch._foreach_<op>(*lists) over lists of leaves; use the result, as an in-place op may be out of
+    place. Inside torch.func transforms (vmap has no batching rules for foreach ops, nor for addcmul_)
+    the out-of-place op runs leaf by leaf; dynamo can trace is_batchedtensor but not the wider test."""
+    if not lists[0]:
+        return []
+    wrapped = is_batchedtensor if torch.compiler.is_compiling() else is_functorch_wrapped_tensor
+    if not any(wrapped(x) for xs in lists for x in xs):
+        out = getattr(torch, f"_foreach_{op}")(*lists)
+        return lists[0] if op.endswith("_") else list(out)
+    return [getattr(Tensor, op.rstrip("_"))(*xs) for xs in zip(*lists)]
+
+
+# Compiled, inductor fuses each leaf's chain of foreach ops into one loop, except _foreach_lerp and
+# _foreach_norm, which stay eager calls outside it, and _foreach_add of one 0-D tensor, which syncs:
+# hence _lerp, global_norm leaf by leaf, and scalars as lists.
+
+
+def _lerp(start: list[Tensor], end: list[Tensor], weight: list[Tensor]) -> list[Tensor]:
+    """start + (end - start) * weight in a new list: one _foreach_lerp eagerly, three fusable ops compiled."""
+    if torch.compiler.is_compiling():
+        return _each("add_", _each("mul_", _each("sub", end, start), weight), start)
+    return _each("lerp", start, end, weight)
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -69,7 +102,7 @@ class ScaleByAdamState(NamedTuple):
 
 
 def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, amsgrad=False) -> GradientTransformation:
-    """Adam's direction mu_hat / (sqrt(nu_hat) + eps), with torch.optim.Adam's order of operations."""
+    """Adam's direction mu_hat / (sqrt(nu_hat) + eps), as torch.optim.Adam computes it (to rounding)."""
 
     def init(params):
         return ScaleByAdamState(_count(params), _zeros(params), _zeros(params),
@@ -77,16 +110,19 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, amsgrad=False) -> GradientTransfor
                                 _value(b1, params), _value(b2, params), _value(eps, params))
 
     def update(grads, state, params=None):
+        g, spec = optree.tree_flatten(grads)
         count = state.count + 1
-        bias1 = _once(1 - state.b1**count)
-        bias2_sqrt = _once((1 - state.b2**count).sqrt())
-        mu = optree.tree_map(lambda m, g: m.lerp(g, _as(1 - state.b1, g)), state.mu, grads)
-        nu = optree.tree_map(lambda v, g: v * _as(state.b2, g) + _as(1 - state.b2, g) * g * g, state.nu, grads)
-        nu_max = optree.tree_map(torch.maximum, state.nu_max, nu) if amsgrad else ()
-        updates = optree.tree_map(
-            lambda m, v: (m / _as(bias1, m)) / (v.sqrt() / _as(bias2_sqrt, v) + _as(state.eps, v)),
-            mu, nu_max if amsgrad else nu)
-        return updates, state._replace(count=count, mu=mu, nu=nu, nu_max=nu_max)
+        bias1 = 1 - state.b1**count
+        scale, floor = _once(bias1 / (1 - state.b2**count).sqrt()), _once(bias1 * state.eps)
+        mu = _lerp(optree.tree_leaves(state.mu), g, _as(1 - state.b1, g))
+        nu = _each("addcmul_", _each("mul", optree.tree_leaves(state.nu), _as(state.b2, g)), g,
+                   _each("mul", g, _as(1 - state.b2, g)))  # v * b2 + g * (g * (1 - b2)), as torch.optim
+        nu_max = _each("maximum", optree.tree_leaves(state.nu_max), nu) if amsgrad else nu
+        # mu_hat / (sqrt(nu_hat) + eps) = mu / (sqrt(nu) * scale + floor), written into one new list
+        d = _each("add_", _each("mul_", _each("sqrt", nu_max), _as(scale, g)), _as(floor, g))
+        d = _each("mul_", _each("reciprocal_", d), mu)
+        new = functools.partial(optree.tree_unflatten, spec)
+        return new(d), state._replace(count=count, mu=new(mu), nu=new(nu), nu_max=new(nu_max) if amsgrad else ())
 
     return GradientTransformation(init, update)
 
@@ -105,12 +141,13 @@ def trace(momentum=0.9, dampening=0.0, nesterov=False) -> GradientTransformation
         return TraceState(_count(params), _zeros(params), _value(momentum, params), _value(dampening, params))
 
     def update(grads, state, params=None):
-        first = state.count == 0
-        buf = optree.tree_map(
-            lambda b, g: torch.where(first, g, b * _as(state.momentum, g) + _as(1 - state.dampening, g) * g),
-            state.trace, grads)
-        updates = optree.tree_map(lambda g, b: g + _as(state.momentum, b) * b, grads, buf) if nesterov else buf
-        return updates, state._replace(count=state.count + 1, trace=buf)
+        g, spec = optree.tree_flatten(grads)
+        first = state.count == 0  # then buf * 0 + g * 1, which is exactly g
+        keep, damp = torch.where(first, 0.0, state.momentum), torch.where(first, 1.0, 1 - state.dampening)
+        buf = _each("addcmul_", _each("mul", optree.tree_leaves(state.trace), _as(keep, g)), g, _as(damp, g))
+        updates = _each("add_", _each("mul", buf, _as(state.momentum, g)), g) if nesterov else buf
+        new = functools.partial(optree.tree_unflatten, spec)
+        return new(updates), state._replace(count=state.count + 1, trace=new(buf))
 
     return GradientTransformation(init, update)
 
@@ -126,7 +163,9 @@ def add_decayed_weights(weight_decay=0.0) -> GradientTransformation:
         return WeightDecayState(_value(weight_decay, params))
 
     def update(grads, state, params):
-        return optree.tree_map(lambda g, p: g + _as(state.weight_decay, p) * p, grads, params), state
+        g, spec = optree.tree_flatten(grads)
+        p = optree.tree_leaves(params)
+        return optree.tree_unflatten(spec, _each("add_", _each("mul", p, _as(state.weight_decay, p)), g)), state
 
     return GradientTransformation(init, update)
 
@@ -136,6 +175,7 @@ class ClipState(NamedTuple):
 
 
 def global_norm(tree: Tree) -> Tensor:
+    """The 2-norm of all leaves together."""
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in optree.tree_leaves(tree)]))
 
 
@@ -146,8 +186,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return ClipState(_value(max_norm, params))
 
     def update(grads, state, params=None):
-        scale = (state.max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)
-        return optree.tree_map(lambda g: g * _as(scale, g), grads), state
+        g, spec = optree.tree_flatten(grads)
+        scale = (state.max_norm / (global_norm(g) + 1e-6)).clamp(max=1.0)
+        return optree.tree_unflatten(spec, _each("mul", g, _as(scale, g))), state
 
     return GradientTransformation(init, update)
 
@@ -155,26 +196,31 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 class ScaleByLearningRateState(NamedTuple):
     count: Tensor
     lr: Tensor
-    weight_decay: Tensor
+    weight_decay: Tensor | tuple  # () without decoupled decay
 
 
-def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_decay: float = 0.0):
+def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_decay: float | None = None):
     """Multiply by -lr_t, where lr_t = schedule(step, lr) (or lr itself without a schedule).
 
-    weight_decay > 0 adds AdamW's decoupled decay, which shrinks params by the factor (1 - lr_t * wd)
-    rounded to the parameter dtype, exactly as torch.optim.AdamW does. Written as p * c - p (exact by
-    Sterbenz' lemma) it stays an additive update; decay + lr as two separate steps drifts from torch."""
+    A weight_decay (0 included, so that it can be set later) adds AdamW's decoupled decay, which shrinks
+    params by the factor (1 - lr_t * wd) rounded to the parameter dtype, exactly as torch.optim.AdamW does.
+    Written as p * c - p (exact by Sterbenz' lemma) it stays an additive update; decay + lr as two separate
+    steps drifts from torch."""
 
     def init(params):
-        return ScaleByLearningRateState(_count(params), _value(lr, params), _value(weight_decay, params))
+        decay = () if weight_decay is None else _value(weight_decay, params)
+        return ScaleByLearningRateState(_count(params), _value(lr, params), decay)
 
     def update(grads, state, params=None):
+        g, spec = optree.tree_flatten(grads)
         lr_t = state.lr if schedule is None else _once(schedule(state.count, state.lr))
-        updates = optree.tree_map(lambda g: _as(-lr_t, g) * g, grads)
-        if weight_decay:
-            keep = 1 - lr_t * state.weight_decay
-            updates = optree.tree_map(lambda u, p: (p * _as(keep, p) - p) + u, updates, params)
-        return updates, state._replace(count=state.count + 1)
+        if weight_decay is not None:
+            p = optree.tree_leaves(params)
+            decay = _each("sub_", _each("mul", p, _as(1 - lr_t * state.weight_decay, p)), p)
+            updates = _each("addcmul_", decay, g, _as(-lr_t, g))
+        else:
+            updates = _each("mul", g, _as(-lr_t, g))
+        return optree.tree_unflatten(spec, updates), state._replace(count=state.count + 1)
 
     return GradientTransformation(init, update)
 
@@ -206,16 +252,19 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 # --------------------------------------------------------------------------------------- aliases
 
 
+# The aliases carry every hyperparameter they take, weight decay included at 0, so set_hyperparams can set
+# any of them later (a resumed run with a new --weight-decay). SGD's momentum buffer is the exception: it
+# exists only with momentum > 0.
+
+
 def sgd(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, schedule=None):
-    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
-    if momentum:
-        parts.append(trace(momentum, dampening, nesterov))
-    return chain(*parts, scale_by_learning_rate(lr, schedule))
+    momentum_part = [trace(momentum, dampening, nesterov)] if momentum else []
+    return chain(add_decayed_weights(weight_decay), *momentum_part, scale_by_learning_rate(lr, schedule))
 
 
 def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, schedule=None):
-    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
-    return chain(*parts, scale_by_adam(*betas, eps, amsgrad), scale_by_learning_rate(lr, schedule))
+    return chain(add_decayed_weights(weight_decay), scale_by_adam(*betas, eps, amsgrad),
+                 scale_by_learning_rate(lr, schedule))
 
 
 def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, schedule=None):
@@ -226,8 +275,10 @@ def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=Fals
 
 
 def apply_updates(params: Tree, updates: Tree) -> Tree:
-    """params + updates, leaf by leaf, in each parameter's dtype."""
-    return optree.tree_map(lambda p, u: p + u.to(p.dtype), params, updates)
+    """params + updates, in each parameter's dtype."""
+    p, spec = optree.tree_flatten(params)
+    u = [u if u.dtype == x.dtype else u.to(x.dtype) for u, x in zip(optree.tree_leaves(updates), p, strict=True)]
+    return optree.tree_unflatten(spec, _each("add", p, u))
 
 
 @torch.no_grad()
@@ -246,16 +297,26 @@ def _states(state: Tree):
             yield from _states(s)
 
 
+HYPERPARAMETERS = ("lr", "b1", "b2", "eps", "weight_decay", "momentum", "dampening", "max_norm")
+
+
 def set_hyperparams(state: Tree, **values: float) -> Tree:
     """A copy of state with named hyperparameters (lr, b1, weight_decay, ...) replaced everywhere they
-    occur; the new values are tensors of the same dtype and device, so compiled steps do not retrace."""
-    unknown = set(values) - {f for s in _states(state) for f in s._fields}
-    if unknown:
-        raise ValueError(f"no hyperparameter named {', '.join(sorted(unknown))} in this optimizer state")
+    occur; the new values are tensors of the same dtype and device, so compiled steps do not retrace.
+    A name that is not a hyperparameter, or one this optimizer was built without, is an error."""
+    not_hyper = sorted(set(values) - set(HYPERPARAMETERS))
+    if not_hyper:
+        raise ValueError(f"{', '.join(not_hyper)}: not a hyperparameter (those are {', '.join(HYPERPARAMETERS)})")
+    present = {f for s in _states(state) for f in s._fields if isinstance(getattr(s, f), Tensor)}
+    missing = sorted(set(values) - present)
+    if missing:
+        raise ValueError(f"this optimizer was built without {', '.join(missing)}, so setting it would change "
+                         "nothing; build it with that part (e.g. sgd(momentum=0.9), chain(clip_by_global_norm(...)))")
 
     def replace(s):
         if hasattr(s, "_fields"):
-            return s._replace(**{k: torch.full_like(getattr(s, k), v) for k, v in values.items() if k in s._fields})
+            return s._replace(**{k: torch.full_like(getattr(s, k), v) for k, v in values.items()
+                                 if k in s._fields and isinstance(getattr(s, k), Tensor)})
         return tuple(replace(x) for x in s) if isinstance(s, tuple) else s
 
     return replace(state)

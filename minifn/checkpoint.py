@@ -286,21 +286,29 @@ def make_header(config: Config, tokenizer: dict, data: dict, world_size: int = 1
 
 
 def save_state(path: Path, state, progress: Progress, header: dict) -> Path:
-    """A TrainState (params, opt_state, step, rng) and the run's progress, atomically."""
+    """A TrainState (params, opt_state, step, rng, and the EMA as "ema.<param name>") and the run's progress,
+    atomically."""
     tensors = {**flatten(state.params, "params"), **flatten(state.opt_state, "opt_state"),
-               "step": state.step, "rng": state.rng}
+               "step": state.step, "rng": state.rng, **flatten(state.ema, "ema")}
     return save(path, tensors, {**header, "progress": asdict(progress)})
 
 
 def load_state(tensors: dict[str, Tensor], meta: dict, template):
-    """(state, progress) from a loaded checkpoint, shaped and placed like template (a TrainState)."""
+    """(state, progress) from a loaded checkpoint, shaped and placed like template (a TrainState).
+
+    The EMA follows the template: kept if it has one (started from the loaded parameters when the checkpoint
+    has none, i.e. EMA turned on at resume; its decay is the template's), dropped if it has none."""
     for key in ("step", "rng"):
         if key not in tensors or tensors[key].shape != ():
             raise CheckpointError(f"checkpoint has no usable {key} tensor")
-    state = template._replace(params=unflatten(template.params, tensors, "params"),
-                              opt_state=unflatten(template.opt_state, tensors, "opt_state"),
+    params = unflatten(template.params, tensors, "params")
+    ema = template.ema
+    if optree.tree_leaves(ema):
+        saved = any(k.startswith("ema.") for k in tensors)
+        ema = unflatten(ema, tensors, "ema") if saved else optree.tree_map(torch.clone, params)
+    state = template._replace(params=params, opt_state=unflatten(template.opt_state, tensors, "opt_state"),
                               step=tensors["step"].to(template.step.device, torch.int64),
-                              rng=tensors["rng"].to(template.rng.device, torch.int64))
+                              rng=tensors["rng"].to(template.rng.device, torch.int64), ema=ema)
     return state, Progress(**meta["progress"])
 
 
@@ -309,13 +317,19 @@ def save_params(path: Path, params: dict[str, Tensor], model: ModelConfig, token
     return save(path, flatten(params, "params"), {"config": {"model": model.to_dict()}, "tokenizer": tokenizer})
 
 
-def load_params(path: str | os.PathLike, device=None) -> tuple[dict[str, Tensor], ModelConfig, dict]:
-    """(params, model config, header) of any minifn checkpoint, checked against the config's shapes."""
+def load_params(path: str | os.PathLike, device=None,
+                weights: str = "raw") -> tuple[dict[str, Tensor], ModelConfig, dict]:
+    """(params, model config, header) of any minifn checkpoint, checked against the config's shapes;
+    weights='ema' reads the moving average of a run trained with --ema instead."""
     from minifn.model import skeleton
 
     tensors, meta = load(path)
     config = ModelConfig.from_dict(meta["config"]["model"])
-    params = {k.removeprefix("params."): v.to(device) for k, v in tensors.items() if k.startswith("params.")}
+    prefix = {"raw": "params.", "ema": "ema."}[weights]
+    params = {k.removeprefix(prefix): v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+    if weights == "ema" and not params:
+        raise CheckpointError(f"checkpoint {path} has no EMA weights: it was trained without --ema; "
+                              "use --weights raw")
     expected = {name: tuple(p.shape) for name, p in skeleton(config).named_parameters()}
     if {k: tuple(v.shape) for k, v in params.items()} != expected:
         raise CheckpointError(f"checkpoint {path} holds parameters that do not fit its own model config")

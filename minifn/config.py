@@ -225,6 +225,10 @@ class RunConfig(Settings):
     label_smoothing: float = setting(0.0, "Label smoothing (cross_entropy only).",
                                      only_for=("criterion", ("cross_entropy",)))
     dropout: float = setting(0.0, "Dropout on the embedding and every residual branch.")
+    ema: float = setting(0.0, "Keep a moving average of the weights with this decay, e.g. 0.999 (0: off). "
+                         "Turned on at resume, it starts from the current weights.")
+    log_gns: bool = setting(False, "Log the gradient noise scale B_simple (in tokens) from the micro-batches "
+                            "(needs --grad-accum-steps 2 or more).")
     device: str = setting("auto", "Device.", choices=DEVICES)
     dtype: str = setting("float32", "bfloat16 runs the forward pass under autocast; parameters stay float32.",
                          choices=DTYPES)
@@ -242,6 +246,7 @@ class RunConfig(Settings):
             raise ConfigError(f"--seed must be at most {MAX_SEED} (32 bits), got {self.seed}")
         _check_number("label_smoothing", self.label_smoothing, float, minimum=0, below=1)
         _check_number("dropout", self.dropout, float, minimum=0, below=1)
+        _check_number("ema", self.ema, float, minimum=0, below=1)
 
 
 SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from minifn import checkpoint
+from minifn import checkpoint, noise
 from minifn.checkpoint import Progress
 from minifn.data import batches, eval_batches, num_batches
 from minifn.losses import IGNORE_INDEX
@@ -150,7 +150,7 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
       progress: the position to resume from; None starts a fresh run.
       save_every: save every this many epochs (0: only at the end); the end and interrupts always save.
       save_every_steps: also save every this many steps (0: never by steps).
-      evaluate: evaluate(params) -> {"val_loss": ..., ...} on the validation split.
+      evaluate: evaluate(state) -> {"val_loss": ..., ...} on the validation split.
       eval_every: evaluate every this many steps and at the end, as "eval" events; 0 evaluates at the end
         of every epoch instead, in the epoch event.
       best_path: where to keep the checkpoint with the lowest validation loss (None: not kept).
@@ -166,6 +166,7 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
     max_steps = max_steps or float("inf")
     log = MetricsLog(checkpoint.metrics_path(checkpoint_path), header["run_id"], step, resumed, main)
     pending = None  # the last step's metrics, read after the next step is queued
+    smoothed = noise.Smoothed()  # running averages of the noise-scale estimates (--log-gns)
 
     def emit(event):
         log.write(event)
@@ -174,12 +175,13 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
 
     def resolve(end: float | None = None):
         """Read the pending step's metrics; it ran from its launch to end (the next launch, or now)."""
-        nonlocal pending
+        nonlocal pending, smoothed
         if pending is None:
             return
         values, at, epoch, batch, started = pending
         pending = None
-        loss, grad_norm, count, lr = values.tolist()  # one device-to-host transfer per step
+        loss, grad_norm, count, lr, *gns = values.tolist()  # one device-to-host transfer per step
+        smoothed, gns_fields = noise.log_fields(smoothed, *gns)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss} at step {at} (epoch {epoch}); the learning rate is "
                                    "probably too high; the last checkpoint is untouched")
@@ -187,7 +189,8 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
         progress.tokens += int(count)
         seconds = (end or time.perf_counter()) - started
         emit({"kind": "step", "step": at, "epoch": epoch, "batch": batch, "batches": per_epoch, "loss": loss,
-              "lr": None if math.isnan(lr) else lr, "grad_norm": grad_norm, "tokens_per_s": count / max(seconds, 1e-9)})
+              "lr": None if math.isnan(lr) else lr, "grad_norm": grad_norm, "tokens_per_s": count / max(seconds, 1e-9),
+              **gns_fields})
 
     def save(path=checkpoint_path):
         resolve()
@@ -201,7 +204,7 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
 
     def run_eval() -> dict:
         resolve()
-        result = evaluate(state.params)
+        result = evaluate(state)
         if best_path is not None and (progress.best_val is None or result["val_loss"] < progress.best_val):
             progress.best_val = result["val_loss"]
             result["best"] = str(save(best_path))
@@ -221,7 +224,8 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
                 step += 1
                 progress.batch = min(progress.batch + spec.grad_accum_steps, per_epoch)
                 values = torch.stack([m["loss"].detach(), m["grad_norm"], m["tokens"],
-                                      m["loss"].new_tensor(float("nan")) if lr is None else lr]).to(torch.float64)
+                                      m["loss"].new_tensor(float("nan")) if lr is None else lr,
+                                      *(m[k] for k in noise.METRICS if k in m)]).to(torch.float64)
                 resolve(end=started)
                 pending = (values, step, progress.epoch + 1, progress.batch, started)
                 last = step >= max_steps

@@ -63,7 +63,7 @@ def _as(scalar: Tensor, leaves: list[Tensor]) -> list[Tensor]:
     return [cast[x.dtype] for x in leaves]
 
 
-def _each(op: str, *lists: list[Tensor]) -> list[Tensor]:
+def foreach(op: str, *lists: list[Tensor]) -> list[Tensor]:
     """torch._foreach_<op>(*lists) over lists of leaves; use the result, as an in-place op may be out of
     place. Inside torch.func transforms (vmap has no batching rules for foreach ops, nor for addcmul_)
     the out-of-place op runs leaf by leaf; dynamo can trace is_batchedtensor but not the wider test."""
@@ -84,8 +84,8 @@ def _each(op: str, *lists: list[Tensor]) -> list[Tensor]:
 def _lerp(start: list[Tensor], end: list[Tensor], weight: list[Tensor]) -> list[Tensor]:
     """start + (end - start) * weight in a new list: one _foreach_lerp eagerly, three fusable ops compiled."""
     if torch.compiler.is_compiling():
-        return _each("add_", _each("mul_", _each("sub", end, start), weight), start)
-    return _each("lerp", start, end, weight)
+        return foreach("add_", foreach("mul_", foreach("sub", end, start), weight), start)
+    return foreach("lerp", start, end, weight)
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -115,12 +115,12 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, amsgrad=False) -> GradientTransfor
         bias1 = 1 - state.b1**count
         scale, floor = _once(bias1 / (1 - state.b2**count).sqrt()), _once(bias1 * state.eps)
         mu = _lerp(optree.tree_leaves(state.mu), g, _as(1 - state.b1, g))
-        nu = _each("addcmul_", _each("mul", optree.tree_leaves(state.nu), _as(state.b2, g)), g,
-                   _each("mul", g, _as(1 - state.b2, g)))  # v * b2 + g * (g * (1 - b2)), as torch.optim
-        nu_max = _each("maximum", optree.tree_leaves(state.nu_max), nu) if amsgrad else nu
+        nu = foreach("addcmul_", foreach("mul", optree.tree_leaves(state.nu), _as(state.b2, g)), g,
+                   foreach("mul", g, _as(1 - state.b2, g)))  # v * b2 + g * (g * (1 - b2)), as torch.optim
+        nu_max = foreach("maximum", optree.tree_leaves(state.nu_max), nu) if amsgrad else nu
         # mu_hat / (sqrt(nu_hat) + eps) = mu / (sqrt(nu) * scale + floor), written into one new list
-        d = _each("add_", _each("mul_", _each("sqrt", nu_max), _as(scale, g)), _as(floor, g))
-        d = _each("mul_", _each("reciprocal_", d), mu)
+        d = foreach("add_", foreach("mul_", foreach("sqrt", nu_max), _as(scale, g)), _as(floor, g))
+        d = foreach("mul_", foreach("reciprocal_", d), mu)
         new = functools.partial(optree.tree_unflatten, spec)
         return new(d), state._replace(count=count, mu=new(mu), nu=new(nu), nu_max=new(nu_max) if amsgrad else ())
 
@@ -144,8 +144,8 @@ def trace(momentum=0.9, dampening=0.0, nesterov=False) -> GradientTransformation
         g, spec = optree.tree_flatten(grads)
         first = state.count == 0  # then buf * 0 + g * 1, which is exactly g
         keep, damp = torch.where(first, 0.0, state.momentum), torch.where(first, 1.0, 1 - state.dampening)
-        buf = _each("addcmul_", _each("mul", optree.tree_leaves(state.trace), _as(keep, g)), g, _as(damp, g))
-        updates = _each("add_", _each("mul", buf, _as(state.momentum, g)), g) if nesterov else buf
+        buf = foreach("addcmul_", foreach("mul", optree.tree_leaves(state.trace), _as(keep, g)), g, _as(damp, g))
+        updates = foreach("add_", foreach("mul", buf, _as(state.momentum, g)), g) if nesterov else buf
         new = functools.partial(optree.tree_unflatten, spec)
         return new(updates), state._replace(count=state.count + 1, trace=new(buf))
 
@@ -165,7 +165,7 @@ def add_decayed_weights(weight_decay=0.0) -> GradientTransformation:
     def update(grads, state, params):
         g, spec = optree.tree_flatten(grads)
         p = optree.tree_leaves(params)
-        return optree.tree_unflatten(spec, _each("add_", _each("mul", p, _as(state.weight_decay, p)), g)), state
+        return optree.tree_unflatten(spec, foreach("add_", foreach("mul", p, _as(state.weight_decay, p)), g)), state
 
     return GradientTransformation(init, update)
 
@@ -188,7 +188,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     def update(grads, state, params=None):
         g, spec = optree.tree_flatten(grads)
         scale = (state.max_norm / (global_norm(g) + 1e-6)).clamp(max=1.0)
-        return optree.tree_unflatten(spec, _each("mul", g, _as(scale, g))), state
+        return optree.tree_unflatten(spec, foreach("mul", g, _as(scale, g))), state
 
     return GradientTransformation(init, update)
 
@@ -216,10 +216,10 @@ def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_d
         lr_t = state.lr if schedule is None else _once(schedule(state.count, state.lr))
         if weight_decay is not None:
             p = optree.tree_leaves(params)
-            decay = _each("sub_", _each("mul", p, _as(1 - lr_t * state.weight_decay, p)), p)
-            updates = _each("addcmul_", decay, g, _as(-lr_t, g))
+            decay = foreach("sub_", foreach("mul", p, _as(1 - lr_t * state.weight_decay, p)), p)
+            updates = foreach("addcmul_", decay, g, _as(-lr_t, g))
         else:
-            updates = _each("mul", g, _as(-lr_t, g))
+            updates = foreach("mul", g, _as(-lr_t, g))
         return optree.tree_unflatten(spec, updates), state._replace(count=state.count + 1)
 
     return GradientTransformation(init, update)
@@ -278,7 +278,7 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
     """params + updates, in each parameter's dtype."""
     p, spec = optree.tree_flatten(params)
     u = [u if u.dtype == x.dtype else u.to(x.dtype) for u, x in zip(optree.tree_leaves(updates), p, strict=True)]
-    return optree.tree_unflatten(spec, _each("add", p, u))
+    return optree.tree_unflatten(spec, foreach("add", p, u))
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The loss-curve picture of a run: training loss per step, epoch averages and validation loss."""
+"""The loss-curve picture of a run: training loss per step, epoch averages and validation loss (of the EMA
+weights too, when the run kept them), and the gradient noise scale below it when the run logged it."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+REQUIRED = {"step": ("step", "loss"), "epoch": ("step", "epoch"), "eval": ("step",)}
+
+
 def read_events(path: str | Path) -> list[dict]:
-    """The step and epoch events of the latest run in a metrics log, each checked for the fields plotted."""
+    """The step, epoch and eval events of the latest run in a metrics log, each checked for the fields plotted."""
     events = []
     for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
         if not line.strip():
@@ -25,9 +29,9 @@ def read_events(path: str | Path) -> list[dict]:
             event = json.loads(line)
         except json.JSONDecodeError:
             raise PlotError(f"{path} line {number} is not JSON; give the .metrics.jsonl a run wrote") from None
-        if not (isinstance(event, dict) and event.get("kind") in ("step", "epoch") and _number(event.get("step"))
-                and _number(event.get("loss")) and (event["kind"] == "step" or _number(event.get("epoch")))):
-            raise PlotError(f"{path} line {number} is not a step or epoch event of a minifn run")
+        fields = REQUIRED.get(event.get("kind")) if isinstance(event, dict) else None
+        if fields is None or not all(_number(event.get(f)) for f in fields):
+            raise PlotError(f"{path} line {number} is not a step, epoch or eval event of a minifn run")
         events.append(event)
     if events and "run" in events[-1]:
         events = [e for e in events if e.get("run") == events[-1]["run"]]  # a killed older run's lines are left
@@ -42,8 +46,14 @@ def output_path(output: str | Path) -> Path:
     return output / "loss.png" if output.is_dir() else output
 
 
-def plot_metrics(path: str | Path, output: str | Path = "loss.png") -> Path:
-    """Write a PNG of loss against optimizer steps, with the epoch axis on top; returns the file written."""
+def _validation(events: list[dict], key: str) -> list[dict]:
+    return [e for e in events if e["kind"] in ("epoch", "eval") and _number(e.get(key))]
+
+
+def plot_metrics(paths: str | Path | list, output: str | Path = "loss.png") -> Path:
+    """Write a PNG of loss against optimizer steps: one run, or several on one figure (a sweep's members);
+    validation points, the EMA's, the epoch axis on top and, for --log-gns, a panel of the smoothed noise
+    scale B_simple in tokens. Returns the file written."""
     try:
         import matplotlib
 
@@ -51,23 +61,41 @@ def plot_metrics(path: str | Path, output: str | Path = "loss.png") -> Path:
         import matplotlib.pyplot as plt
     except ModuleNotFoundError:
         raise PlotError("plotting needs matplotlib: pip install 'minifn[plot]'") from None
-    events = read_events(path)
-    steps = [e for e in events if e["kind"] == "step"]
-    epochs = [e for e in events if e["kind"] == "epoch" and e["epoch"] > 0]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    ax.plot([e["step"] for e in steps], [e["loss"] for e in steps], lw=0.8, alpha=0.45, label="train loss (step)")
-    if epochs:
-        ax.plot([e["step"] for e in epochs], [e["loss"] for e in epochs], "o-", ms=3, label="train loss (epoch avg)")
-    val = [e for e in epochs if _number(e.get("val_loss"))]
-    if val:
-        ax.plot([e["step"] for e in val], [e["val_loss"] for e in val], "s-", ms=3, label="validation loss")
-    if all(e["loss"] > 0 for e in steps):
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    runs = {p: read_events(p) for p in paths}
+    gns = {p: [e for e in ev if e["kind"] == "step" and _number(e.get("gns"))] for p, ev in runs.items()}
+    if any(gns.values()):
+        fig, (ax, ax_gns) = plt.subplots(2, 1, sharex=True, figsize=(8, 7), dpi=120, height_ratios=(2, 1))
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for path, events in runs.items():
+        name = "" if len(runs) == 1 else f"{path.name.removesuffix('.metrics.jsonl')}: "
+        steps = [e for e in events if e["kind"] == "step"]
+        line, = ax.plot([e["step"] for e in steps], [e["loss"] for e in steps], lw=0.8, alpha=0.45,
+                        label=f"{name}train loss (step)")
+        epochs = [e for e in events if e["kind"] == "epoch" and e["epoch"] > 0 and _number(e.get("loss"))]
+        if epochs and len(runs) == 1:
+            ax.plot([e["step"] for e in epochs], [e["loss"] for e in epochs], "o-", ms=3,
+                    label="train loss (epoch avg)")
+        for key, marker, label in (("val_loss", "s-", "validation loss"),
+                                   ("ema_val_loss", "^--", "validation loss, EMA weights")):
+            val = _validation(events, key)
+            if val:
+                ax.plot([e["step"] for e in val], [e[key] for e in val], marker, ms=3, color=line.get_color(),
+                        label=f"{name}{label}")
+        if gns[path]:
+            ax_gns.plot([e["step"] for e in gns[path]], [e["gns"] for e in gns[path]], lw=1, label=name or None)
+    if all(e["loss"] > 0 for ev in runs.values() for e in ev if e["kind"] == "step"):
         ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
+    if any(gns.values()):
+        ax_gns.set_ylabel("noise scale B_simple\n(tokens, smoothed)")
+        ax_gns.grid(True, which="both", alpha=0.3)
+    (ax_gns if any(gns.values()) else ax).set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per token)")
-    fig.suptitle(f"Training loss: {Path(path).name}")
+    fig.suptitle(f"Training loss: {paths[0].name}" if len(paths) == 1 else f"Training loss: {len(paths)} runs")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
+    epochs = [e for e in next(iter(runs.values())) if e["kind"] == "epoch" and e["epoch"] > 0]
     if epochs and epochs[-1]["step"] > 0:
         per_epoch = epochs[-1]["step"] / epochs[-1]["epoch"]
         top = ax.secondary_xaxis("top", functions=(lambda s: s / per_epoch, lambda e: e * per_epoch))

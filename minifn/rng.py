@@ -27,10 +27,13 @@ def fold_in(key: Tensor, data) -> Tensor:
     return _mix32(key ^ _mix32(data & _M32))
 
 
-def dropout(x: Tensor, rate: float, key: Tensor | None) -> Tensor:
-    """Inverted dropout whose mask is a hash of (key, element index). Identity without a key."""
-    if key is None or rate == 0.0:
+def dropout(x: Tensor, rate: float | Tensor, key: Tensor | None) -> Tensor:
+    """Inverted dropout whose mask is a hash of (key, element index). Identity without a key.
+
+    rate may be a 0-D float64 tensor (one per member of a vmapped sweep): the same mask as the float."""
+    if key is None or (not isinstance(rate, Tensor) and rate == 0.0):
         return x
     index = torch.arange(x.numel(), device=x.device).view(x.shape)
-    keep = _mix32(index ^ _mix32(key)) >= int(rate * 2**32)
+    threshold = (rate * 2**32).to(torch.int64) if isinstance(rate, Tensor) else int(rate * 2**32)
+    keep = _mix32(index ^ _mix32(key)) >= threshold
     return x * keep / (1.0 - rate)

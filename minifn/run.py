@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,17 +83,43 @@ def loss_from_config(criterion: str, label_smoothing: float = 0.0) -> Loss:
     return LOSSES[criterion]
 
 
-def _split(tokens: torch.Tensor, val_fraction: float, dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not val_fraction:
-        if len(tokens) < 2:
-            raise ConfigError(f"dataset {dataset} has {len(tokens)} token(s); training needs at least 2")
-        return tokens, None
-    cut = int(len(tokens) * (1 - val_fraction))
-    train, val = tokens[:cut], tokens[cut:]
-    if len(val) < 2 or len(train) < 2:
-        raise ConfigError(f"--val-fraction {val_fraction} leaves too few tokens on one side of the split "
-                          f"({len(train)} train, {len(val)} validation)")
-    return train, val
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """The run's tokens: train and validation sequences (read per window, never loaded whole) and identity."""
+
+    train: object  # a minifn.corpus.TokenSequence
+    val: object | None
+    identity: dict  # {"sha256", "tokens"}: recorded in checkpoints, compared on resume
+    cached: bool
+    seconds: float
+
+
+def load_data(dc, tok) -> Data:
+    """--dataset as token sequences: a prepared corpus folder with its fixed split, or a text file through
+    the token cache, cut by --val-fraction (the tail of its tokens)."""
+    from minifn.corpus import open_corpus
+    from minifn.tokenizer import encode_file
+
+    start = time.perf_counter()
+    if Path(dc.dataset).is_dir():
+        if dc.val_fraction:
+            raise ConfigError(f"--val-fraction cuts a text file; {dc.dataset} is a prepared corpus whose split was "
+                              "fixed by minifn prepare (--val-fraction or --val-tokens there)")
+        corpus, cached = open_corpus(dc.dataset, tok.sha256), True
+        train, val = corpus.train, corpus.val
+    else:
+        encoded = encode_file(tok, dc.dataset)
+        corpus, cached, train, val = encoded.corpus, encoded.cached, encoded.ids, None
+        if dc.val_fraction:
+            cut = int(len(train) * (1 - dc.val_fraction))
+            train, val = train.view(0, cut), train.view(cut)
+            if len(val) < 2 or len(train) < 2:
+                raise ConfigError(f"--val-fraction {dc.val_fraction} leaves too few tokens on one side of the "
+                                  f"split ({len(train)} train, {len(val)} validation)")
+    if len(train) < 2:
+        raise ConfigError(f"dataset {dc.dataset} has {len(train)} token(s); training needs at least 2")
+    identity = {"sha256": corpus.manifest.content_sha256, "tokens": corpus.manifest.tokens}
+    return Data(train, val, identity, cached, time.perf_counter() - start)
 
 
 def step_budget(rc, tokens_per_step: int) -> int | None:
@@ -108,14 +135,18 @@ def best_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.best{path.suffix}")
 
 
-def _evaluator(eval_step, val_tokens: torch.Tensor, tok, spec: DataSpec, device) -> Callable[[dict], dict]:
-    """evaluate(params) -> validation loss, perplexity and bits per byte of the decoded validation text."""
-    num_bytes = max(1, len(tok.decode(val_tokens.tolist()).encode("utf-8")))
+def _evaluator(eval_step, val_tokens, tok, spec: DataSpec, device) -> Callable[[TrainState], dict]:
+    """evaluate(state) -> validation loss, perplexity and bits per byte of the decoded validation text, of the
+    parameters and, for a state with an EMA, of the average too (as ema_val_loss, ...)."""
+    num_bytes = max(1, len(tok.decode(val_tokens[:].tolist()).encode("utf-8")))
 
-    def evaluate(params) -> dict:
+    def scores(params, prefix: str) -> dict:
         loss, count = evaluate_tokens(eval_step, params, val_tokens, spec, device)
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700)),
-                "val_bpb": loss * count / math.log(2) / num_bytes, "val_tokens": count}
+        return {f"{prefix}val_loss": loss, f"{prefix}val_perplexity": math.exp(min(loss, 700)),
+                f"{prefix}val_bpb": loss * count / math.log(2) / num_bytes, f"{prefix}val_tokens": count}
+
+    def evaluate(state: TrainState) -> dict:
+        return {**scores(state.params, ""), **(scores(state.ema, "ema_") if state.ema else {})}
 
     return evaluate
 
@@ -169,94 +200,132 @@ def _resume(path: Path, header: dict, template: TrainState, config: Config, budg
     return state, progress, applied
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run derives from its config before it touches a checkpoint (shared by train and sweeps)."""
+
+    config: Config  # with the tokenizer's vocabulary, or --init-from's architecture
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    tokenizer: object  # minifn.tokenizer.Tokenizer
+    tokenizer_info: dict  # name, sha256 and absolute path, for checkpoint headers
+    data: Data
+    spec: DataSpec
+    steps_per_epoch: int
+    budget: int | None  # the step --max-steps or --max-tokens ends the run at
+    total_steps: int  # what the schedule spans
+    optimizer: optim.GradientTransformation
+    schedule: optim.Schedule
+    init: tuple | None  # (params, model config, tokenizer sha256) of --init-from
+
+    def initial_params(self, seed: int):
+        return init_params(self.config.model, seed, device=self.device) if self.init is None else self.init[0]
+
+    def evaluator(self, loss_fn: Loss | None = None) -> Callable[[TrainState], dict] | None:
+        """evaluate(state) on the validation split (None without one). It runs eagerly: a forward pass is a
+        small part of a run, and a second compiled graph would cost a second compile."""
+        if self.data.val is None:
+            return None
+        rc = self.config.run
+        loss_fn = loss_fn or loss_from_config(rc.criterion, rc.label_smoothing)
+        step = make_eval_step(self.config.model, loss_fn, autocast_dtype=self.autocast_dtype, compile="off",
+                              device=self.device)
+        val = self.data.val.view(0, rc.eval_tokens + 1) if rc.eval_tokens else self.data.val
+        return _evaluator(step, val, self.tokenizer, self.spec, self.device)
+
+
+def setup(config: Config, device: torch.device | None = None, rank: int = 0, world_size: int = 1) -> Setup:
+    """Tokenizer, data, batching, run length and optimizer for config, with every check that needs them."""
+    from minifn.tokenizer import MISTRAL, load_tokenizer, mistral_model_path
+
+    rc, dc = config.run, config.data
+    device = device or resolve_device(rc.device)
+    autocast_dtype = resolve_dtype(rc.dtype, device)
+    if rc.log_gns and dc.grad_accum_steps * world_size < 2:
+        raise ConfigError("--log-gns compares micro-batch gradients with their sum and needs two or more per step; "
+                          "set --grad-accum-steps 2 or more (or train with --nproc 2 or more)")
+    tok = load_tokenizer(dc.tokenizer)
+    tok_path = str((mistral_model_path() if dc.tokenizer == MISTRAL else Path(dc.tokenizer)).resolve())
+    data = load_data(dc, tok)
+    if dc.batch_stride > config.model.max_seq_len:
+        raise ConfigError(f"--batch-stride {dc.batch_stride} is larger than --max-seq-len {config.model.max_seq_len}:"
+                          " tokens between windows would never be trained on")
+    init = _init_source(rc.init_from, device) if rc.init_from else None
+    if init is None:
+        model = dataclasses.replace(config.model, vocab_size=tok.vocab_size)
+    elif init[2] != tok.sha256:
+        raise ConfigError(f"--init-from {rc.init_from} was trained with another tokenizer than --tokenizer "
+                          f"{dc.tokenizer}; pass the tokenizer it was trained with")
+    else:
+        model = dataclasses.replace(init[1], max_seq_len=config.model.max_seq_len)
+    config = dataclasses.replace(config, model=model)
+    spec = DataSpec(model.max_seq_len, dc.batch_stride, dc.batch_size, dc.grad_accum_steps, dc.shuffle,
+                    rc.seed, tok.pad_id, rank, world_size)
+    steps_per_epoch = spec.steps_per_epoch(len(data.train))
+    budget = step_budget(rc, dc.batch_size * world_size * dc.grad_accum_steps * spec.seq_len)
+    total_steps = min(steps_per_epoch * rc.num_epochs, budget or math.inf)
+    optimizer, schedule = optimizer_from_config(config.optim, steps_per_epoch, total_steps)
+    return Setup(config, device, autocast_dtype, tok, {"name": tok.name, "sha256": tok.sha256, "path": tok_path},
+                 data, spec, steps_per_epoch, budget, total_steps, optimizer, schedule, init)
+
+
 def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: None,
           stop_requested: Callable[[], int | None] = lambda: None, loss_fn: Loss | None = None) -> TrainState:
     """Run (or resume) the training that config describes and return the final state.
 
     Args:
       config: every setting of the run (minifn.config.Config); config.run.model is the checkpoint.
-      on_event: receives {"kind": "start" | "step" | "epoch", ...} events (rank 0 only).
+      on_event: receives {"kind": "start" | "step" | "epoch" | "eval", ...} events (rank 0 only).
       stop_requested: returns a signal number when the run should save and stop (raises loop.Interrupted).
       loss_fn: a loss(logits, targets, reduction) to use instead of config.run.criterion."""
-    from minifn.tokenizer import MISTRAL, encode_file, load_tokenizer, mistral_model_path, sha256_file
-
-    rc, dc = config.run, config.data
-    device = resolve_device(rc.device)
-    world = None
+    rc = config.run
+    world, device = None, resolve_device(rc.device)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         from minifn import distributed
 
         world = distributed.init(device)
         device = world.device
-    rank, world_size = (world.rank, world.world_size) if world else (0, 1)
-    if world:  # every rank must stop at the same step
-        asked = stop_requested
+        asked = stop_requested  # every rank must stop at the same step
         stop_requested = lambda: (  # noqa: E731
             (asked() or signal.SIGTERM) if distributed.any_rank(asked() is not None, device) else None)
-    autocast_dtype = resolve_dtype(rc.dtype, device)
-    tok = load_tokenizer(dc.tokenizer)
-    tok_path = str((mistral_model_path() if dc.tokenizer == MISTRAL else Path(dc.tokenizer)).resolve())
-    encoded = encode_file(tok, dc.dataset)
-    tokens, val_tokens = _split(torch.from_numpy(encoded.ids.astype("int64")), dc.val_fraction, dc.dataset)
-    if dc.batch_stride > config.model.max_seq_len:
-        raise ConfigError(f"--batch-stride {dc.batch_stride} is larger than --max-seq-len {config.model.max_seq_len}:"
-                          " tokens between windows would never be trained on")
-    init = _init_source(rc.init_from, device) if rc.init_from else None
-    if init is None:
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tok.vocab_size))
-    else:
-        if init[2] != tok.sha256:
-            raise ConfigError(f"--init-from {rc.init_from} was trained with another tokenizer than --tokenizer "
-                              f"{dc.tokenizer}; pass the tokenizer it was trained with")
-        config = dataclasses.replace(config, model=dataclasses.replace(init[1], max_seq_len=config.model.max_seq_len))
-    spec = DataSpec(config.model.max_seq_len, dc.batch_stride, dc.batch_size, dc.grad_accum_steps, dc.shuffle,
-                    rc.seed, tok.pad_id, rank, world_size)
-    steps_per_epoch = spec.steps_per_epoch(len(tokens))
-    budget = step_budget(rc, dc.batch_size * world_size * dc.grad_accum_steps * spec.seq_len)
-    total_steps = min(steps_per_epoch * rc.num_epochs, budget or math.inf)  # what the schedule spans
-    optimizer, schedule = optimizer_from_config(config.optim, steps_per_epoch, total_steps)
-    header = checkpoint.make_header(config, {"name": tok.name, "sha256": tok.sha256, "path": tok_path},
-                                    {"sha256": sha256_file(Path(dc.dataset)), "tokens": len(encoded.ids)}, world_size)
-
+    rank, world_size = (world.rank, world.world_size) if world else (0, 1)
+    su = setup(config, device, rank, world_size)
+    config, dc = su.config, config.data
+    header = checkpoint.make_header(config, su.tokenizer_info, su.data.identity, world_size)
     path = checkpoint.target(rc.model)
-    checkpoint.refuse_to_overwrite(path, {"dataset": dc.dataset, "tokenizer": tok_path})
+    checkpoint.refuse_to_overwrite(path, {"dataset": dc.dataset, "tokenizer": su.tokenizer_info["path"]})
     with checkpoint.locked(path) if rank == 0 else contextlib.nullcontext():
         checkpoint.remove_stale_temporaries(path)
-        params = init_params(config.model, rc.seed, device=device) if init is None else init[0]
-        state = init_state(params, optimizer, seed=rc.seed)
+        state = init_state(su.initial_params(rc.seed), su.optimizer, seed=rc.seed, ema=rc.ema)
         progress, applied = None, []
         if path.exists() and not rc.fresh:
-            state, progress, applied = _resume(path, header, state, config, budget)
+            state, progress, applied = _resume(path, header, state, config, su.budget)
         # The config is the truth for every hyperparameter, restored state or not.
         state = state._replace(opt_state=optim.set_hyperparams(state.opt_state, **hyperparams_of(config.optim)))
         all_reduce = None
         if world:
-            distributed.broadcast_(state.params)  # every rank starts from rank 0's parameters
+            distributed.broadcast_((state.params, state.ema))  # every rank starts from rank 0's parameters
             all_reduce = distributed.all_reduce_sum_
         loss_fn = loss_fn or loss_from_config(rc.criterion, rc.label_smoothing)
-        step = make_train_step(config.model, optimizer, loss_fn, reduction=rc.reduction,
-                               autocast_dtype=autocast_dtype, dropout_rate=rc.dropout, compile=rc.compile,
-                               device=device, all_reduce=all_reduce, rank=rank)
-        evaluate = None if val_tokens is None else _evaluator(
-            make_eval_step(config.model, loss_fn, autocast_dtype=autocast_dtype, compile=rc.compile, device=device),
-            val_tokens[: rc.eval_tokens + 1] if rc.eval_tokens else val_tokens, tok, spec, device)
+        step = make_train_step(config.model, su.optimizer, loss_fn, reduction=rc.reduction,
+                               autocast_dtype=su.autocast_dtype, dropout_rate=rc.dropout, log_gns=rc.log_gns,
+                               compile=rc.compile, device=device, all_reduce=all_reduce, rank=rank)
+        evaluate = su.evaluator(loss_fn)
         if rank == 0:
             on_event({"kind": "start", "path": path, "resumed": progress is not None, "changes": applied,
                       "epoch": progress.epoch if progress else 0, "batch": progress.batch if progress else 0,
-                      "step": int(state.step), "params": num_params(config.model), "tokens": len(tokens),
-                      "dataset": dc.dataset, "cached": encoded.cached, "seconds": encoded.seconds,
-                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                      "device": device.type, "world_size": world_size,
+                      "step": int(state.step), "params": num_params(config.model), "tokens": len(su.data.train),
+                      "dataset": dc.dataset, "cached": su.data.cached, "seconds": su.data.seconds,
+                      "corpus": Path(dc.dataset).is_dir(), "steps_per_epoch": su.steps_per_epoch,
+                      "total_steps": su.total_steps, "device": device.type, "world_size": world_size,
                       "batch_size": dc.batch_size, "grad_accum_steps": dc.grad_accum_steps})
         try:
-            return fit(state, step, tokens, spec, num_epochs=rc.num_epochs, max_steps=budget, device=device,
-                       checkpoint_path=path, header=header, progress=progress, save_every=rc.save_every,
-                       save_every_steps=rc.save_every_steps, evaluate=evaluate, eval_every=rc.eval_every,
-                       best_path=None if evaluate is None else best_path(path),
-                       lr_of=lambda s: optim.current_lr(s.opt_state, schedule),
-                       report=on_event, stop_requested=stop_requested)
+            return fit(state, step, su.data.train, su.spec, num_epochs=rc.num_epochs, max_steps=su.budget,
+                       device=device, checkpoint_path=path, header=header, progress=progress,
+                       save_every=rc.save_every, save_every_steps=rc.save_every_steps, evaluate=evaluate,
+                       eval_every=rc.eval_every, best_path=None if evaluate is None else best_path(path),
+                       lr_of=lambda s: optim.current_lr(s.opt_state, su.schedule), report=on_event,
+                       stop_requested=stop_requested)
         finally:
             if world:
                 distributed.shutdown()
-
-

@@ -5,6 +5,8 @@ tree, sums them over gradient-accumulation micro-batches, and applies the statel
 state is data (a NamedTuple of trees and 0-D tensors), so a research script can call the step in a
 loop, checkpoint the state as tensors, or swap parameter trees in and out. Randomness (dropout) is
 keyed JAX-style: each step folds its step number into the state's key, so nothing hidden changes.
+Optionally the state keeps a moving average of the parameters (minifn.ema), and the step estimates
+the gradient noise scale from its micro-batches (minifn.noise).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import optree
 import torch
 from torch import Tensor
 
-from minifn import optim, rng
+from minifn import ema as moving_average
+from minifn import noise, optim, rng
 from minifn.compiling import maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import IGNORE_INDEX, Loss, cross_entropy
@@ -33,12 +36,25 @@ class TrainState(NamedTuple):
     opt_state: Any
     step: Tensor  # 0-D int64: optimizer steps taken
     rng: Tensor  # 0-D int64 key (32 bits); step k draws from fold_in(rng, k)
+    ema: Params | tuple = ()  # moving average of params (same tree), or () without EMA: no leaves, no work
+    ema_decay: Tensor | tuple = ()  # 0-D float64 decay of the average (data: a new value does not recompile)
 
 
-def init_state(params: Params, optimizer: optim.GradientTransformation, seed: int = 0) -> TrainState:
+def init_state(params: Params, optimizer: optim.GradientTransformation, seed: int = 0,
+               ema: float = 0.0) -> TrainState:
+    """A fresh state; ema > 0 keeps a moving average of the parameters with that decay (see minifn.ema)."""
     device = next(iter(params.values())).device
-    return TrainState(params, optimizer.init(params), torch.zeros((), dtype=torch.int64, device=device),
-                      rng.key(seed, device))
+    state = TrainState(params, optimizer.init(params), torch.zeros((), dtype=torch.int64, device=device),
+                       rng.key(seed, device))
+    return with_ema(state, ema) if ema else state
+
+
+def with_ema(state: TrainState, decay: float) -> TrainState:
+    """state with an average of decay (started from the current parameters if it has none), or none for 0."""
+    if not decay:
+        return state._replace(ema=(), ema_decay=())
+    ema = state.ema if optree.tree_leaves(state.ema) else optree.tree_map(torch.clone, state.params)
+    return state._replace(ema=ema, ema_decay=torch.tensor(float(decay), dtype=torch.float64, device=state.step.device))
 
 
 def _autocast(device_type: str, dtype: torch.dtype | None):
@@ -57,38 +73,58 @@ def _summed_loss(params, inputs, targets, config, loss_fn, autocast_dtype, dropo
 
 def loss_and_grads(params: Params, batch: Batch, key: Tensor | None = None, *, config: ModelConfig,
                    loss_fn: Loss = cross_entropy, autocast_dtype: torch.dtype | None = None,
-                   dropout_rate: float = 0.0) -> tuple[Params, Tensor, Tensor]:
-    """(gradients of the summed loss, summed loss, target count) over all micro-batches of batch.
+                   dropout_rate: float | Tensor = 0.0, log_gns: bool = False):
+    """(gradients of the summed loss, summed loss, target count, small-batch sums or None) over all
+    micro-batches of batch.
 
     Sums, not means: they add up exactly across micro-batches and across data-parallel ranks, and
-    apply_gradients divides once by the global count. Micro-batch a drops out with fold_in(key, a)."""
+    apply_gradients divides once by the global count. Micro-batch a drops out with fold_in(key, a).
+    log_gns adds each micro-batch's noise.small_batch_sums, a [3] float64 tensor, for the noise scale."""
     inputs, targets = batch
     if inputs.ndim == 2:
         inputs, targets = inputs[None], targets[None]
     grad_fn = torch.func.grad_and_value(_summed_loss, has_aux=True)
-    grads, loss_sum = None, 0.0
+    grads, loss_sum, small = None, 0.0, None
     for a, (x, y) in enumerate(zip(inputs.unbind(0), targets.unbind(0))):  # A is static: unrolled when compiled
         micro_key = None if key is None else fold_in(key, a)
         g, (_, total) = grad_fn(params, x, y, config, loss_fn, autocast_dtype, dropout_rate, micro_key)
-        grads = g if grads is None else optree.tree_map(torch.add, grads, g)
+        if grads is None:
+            grads, spec = optree.tree_leaves(g), optree.tree_structure(g)
+        else:  # grads are this function's own, so the sum accumulates in place
+            grads = optim.foreach("add_", grads, optree.tree_leaves(g))
         loss_sum = loss_sum + total
-    return grads, loss_sum, (targets != IGNORE_INDEX).sum()
+        if log_gns:
+            sums = noise.small_batch_sums(optim.global_norm(g), (y != IGNORE_INDEX).sum())
+            small = sums if small is None else small + sums
+    return optree.tree_unflatten(spec, grads), loss_sum, (targets != IGNORE_INDEX).sum(), small
 
 
-def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: Tensor, *,
-                    optimizer: optim.GradientTransformation, reduction: str = "mean",
-                    inplace: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
-    """Normalise summed gradients (per target token for 'mean') and take one optimizer step."""
+def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: Tensor, small: Tensor | None = None,
+                    *, optimizer: optim.GradientTransformation, reduction: str = "mean", inplace: bool = False,
+                    ema_debias: bool = True, donate_grads: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
+    """Normalise summed gradients (per target token for 'mean'), take one optimizer step, and update the
+    moving average if the state keeps one. With small (summed noise.small_batch_sums), metrics gain the
+    noise-scale estimates gns_g2 = |G|^2 and gns_trace = tr(Sigma), per target token. donate_grads lets the
+    normalisation overwrite grads (train_step passes gradients it made itself; saves a model-sized copy)."""
     count = tokens.clamp(min=1)
     if reduction == "mean":
-        grads = optree.tree_map(lambda g: g / count.to(g.dtype), grads)
+        leaves, spec = optree.tree_flatten(grads)
+        scale = [count.to(g.dtype) for g in leaves]
+        grads = optree.tree_unflatten(spec, optim.foreach("div_" if donate_grads else "div", leaves, scale))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optim.apply_updates(state.params, updates)
+    step, ema, has_ema = state.step + 1, state.ema, bool(optree.tree_leaves(state.ema))
+    if has_ema:
+        ema = moving_average.update(ema, params, state.ema_decay, step, ema_debias)
     if inplace:
         params = optim.assign_(state.params, params)
         opt_state = optim.assign_(state.opt_state, opt_state)
+        ema = optim.assign_(state.ema, ema) if has_ema else ema
     metrics = {"loss": loss_sum / count, "grad_norm": optim.global_norm(grads), "tokens": tokens}
-    return TrainState(params, opt_state, state.step + 1, state.rng), metrics
+    if small is not None:
+        mean_norm = metrics["grad_norm"].double() / (1 if reduction == "mean" else count.double())
+        metrics["gns_g2"], metrics["gns_trace"] = noise.moments(small, mean_norm.square(), count)
+    return state._replace(params=params, opt_state=opt_state, step=step, ema=ema), metrics
 
 
 def step_key(state: TrainState) -> Tensor:
@@ -98,15 +134,20 @@ def step_key(state: TrainState) -> Tensor:
 
 def train_step(state: TrainState, batch: Batch, *, config: ModelConfig, optimizer: optim.GradientTransformation,
                loss_fn: Loss = cross_entropy, reduction: str = "mean", autocast_dtype: torch.dtype | None = None,
-               dropout_rate: float = 0.0, inplace: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
-    """One optimizer step. Metrics: loss (mean per target token), grad_norm, tokens (targets counted).
+               dropout_rate: float | Tensor = 0.0, inplace: bool = False, ema_debias: bool = True,
+               log_gns: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
+    """One optimizer step. Metrics: loss (mean per target token), grad_norm, tokens (targets counted), and
+    with log_gns (batch [A, B, T], A >= 2) gns_g2 and gns_trace (see minifn.noise).
 
     inplace=True writes the new parameters and optimizer state into the input tensors (the same
-    values, bit for bit) so a compiled step keeps one copy of each tree."""
-    key = step_key(state) if dropout_rate else None
-    grads, loss_sum, tokens = loss_and_grads(state.params, batch, key, config=config, loss_fn=loss_fn,
-                                             autocast_dtype=autocast_dtype, dropout_rate=dropout_rate)
-    return apply_gradients(state, grads, loss_sum, tokens, optimizer=optimizer, reduction=reduction, inplace=inplace)
+    values, bit for bit) so a compiled step keeps one copy of each tree. A state with an EMA
+    (init_state(..., ema=decay)) also updates it, per minifn.ema with ema_debias."""
+    key = step_key(state) if isinstance(dropout_rate, Tensor) or dropout_rate else None
+    grads, loss_sum, tokens, small = loss_and_grads(state.params, batch, key, config=config, loss_fn=loss_fn,
+                                                    autocast_dtype=autocast_dtype, dropout_rate=dropout_rate,
+                                                    log_gns=log_gns)
+    return apply_gradients(state, grads, loss_sum, tokens, small, optimizer=optimizer, reduction=reduction,
+                           inplace=inplace, ema_debias=ema_debias, donate_grads=True)
 
 
 def eval_step(params: Params, batch: Batch, *, config: ModelConfig, loss_fn: Loss = cross_entropy,
@@ -120,8 +161,9 @@ def eval_step(params: Params, batch: Batch, *, config: ModelConfig, loss_fn: Los
 
 def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation, loss_fn: Loss = cross_entropy,
                     *, reduction: str = "mean", autocast_dtype: torch.dtype | None = None, dropout_rate: float = 0.0,
-                    inplace: bool = False, compile: str = "auto", device: torch.device | str = "cpu",
-                    all_reduce: Callable[[list[Tensor]], None] | None = None, rank: int = 0):
+                    inplace: bool = False, ema_debias: bool = True, log_gns: bool = False, compile: str = "auto",
+                    device: torch.device | str = "cpu", all_reduce: Callable[[list[Tensor]], None] | None = None,
+                    rank: int = 0):
     """train_step bound to a config, optimizer and loss, compiled per `compile`: step(state, batch).
 
     Args:
@@ -132,6 +174,9 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
       autocast_dtype: run the forward pass under autocast to this dtype (None: no autocast region at all).
       dropout_rate: dropout on the embedding and residual branches, keyed by the state's RNG key and step.
       inplace: write the new state into the input tensors (one copy of the trees; the values are identical).
+      ema_debias: how a state with an EMA (init_state(..., ema=decay)) averages: see minifn.ema.
+      log_gns: add the gradient-noise-scale estimates gns_g2 and gns_trace to the metrics (minifn.noise);
+        the micro-batches (on every rank) are the small batches, so it needs two or more in all.
       compile: 'auto', 'on' or 'off' (see minifn.compiling).
       device: where the state lives; decides whether compiling is possible.
       all_reduce: data parallel only: sums a list of tensors across ranks in place. The step is then two
@@ -141,19 +186,20 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
     device = torch.device(device)
     if all_reduce is None:
         step = functools.partial(train_step, config=config, optimizer=optimizer, loss_fn=loss_fn, reduction=reduction,
-                                 autocast_dtype=autocast_dtype, dropout_rate=dropout_rate, inplace=inplace)
+                                 autocast_dtype=autocast_dtype, dropout_rate=dropout_rate, inplace=inplace,
+                                 ema_debias=ema_debias, log_gns=log_gns)
         return maybe_compile(step, compile, device)
     grads_fn = maybe_compile(functools.partial(loss_and_grads, config=config, loss_fn=loss_fn,
-                                               autocast_dtype=autocast_dtype, dropout_rate=dropout_rate),
-                             compile, device)
+                                               autocast_dtype=autocast_dtype, dropout_rate=dropout_rate,
+                                               log_gns=log_gns), compile, device)
     apply_fn = maybe_compile(functools.partial(apply_gradients, optimizer=optimizer, reduction=reduction,
-                                               inplace=inplace), compile, device)
+                                               inplace=inplace, ema_debias=ema_debias), compile, device)
 
     def data_parallel_step(state: TrainState, batch: Batch):
         key = fold_in(step_key(state), rank) if dropout_rate else None
-        grads, loss_sum, tokens = grads_fn(state.params, batch, key)
-        all_reduce([*optree.tree_leaves(grads), loss_sum, tokens])
-        return apply_fn(state, grads, loss_sum, tokens)
+        grads, loss_sum, tokens, small = grads_fn(state.params, batch, key)
+        all_reduce([*optree.tree_leaves(grads), loss_sum, tokens, *([] if small is None else [small])])
+        return apply_fn(state, grads, loss_sum, tokens, small)
 
     return data_parallel_step
 

@@ -15,6 +15,7 @@ SCRIPTS = [
     ("generate.py", ["--quick", "--config", "tiny", "--new-tokens", "6", "--prompt-tokens", "4"], "## Generation"),
     ("profile_step.py", ["--configs", "tiny"], "## Where the time goes"),
     ("data.py", ["--quick"], "## Data: prepare and reading from shards"),
+    ("sweep.py", ["--quick", "--k", "2"], "## Sweep"),
 ]
 
 

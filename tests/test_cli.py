@@ -183,12 +183,19 @@ def test_unavailable_device_is_one_clear_line(story, tmp_path):
     assert result.exit_code == 1 and "no CUDA GPU is available" in result.output
 
 
-def test_readme_library_example_runs():
+def test_readme_library_examples_run(tmp_path, monkeypatch):
     import re
 
-    code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
-    code = code.replace('compile="auto"', 'compile="off"').replace("range(3)", "range(1)").replace("(5000,)", "(600,)")
-    exec(compile(code, "README.md", "exec"), {})
+    library = (ROOT / "README.md").read_text().split("## Using the library")[1]
+    loop, run = re.findall(r"```python\n(.*?)```", library, re.S)[:2]
+    loop = loop.replace('compile="auto"', 'compile="off"').replace("range(3)", "range(1)").replace("(5000,)", "(600,)")
+    exec(compile(loop, "README.md", "exec"), {})
+    monkeypatch.chdir(ROOT)
+    run = run.replace('RunConfig(num_epochs=3, model="my.pt")',
+                      f'RunConfig(num_epochs=3, model="{tmp_path / "my.pt"}", compile="off", max_steps=2)')
+    namespace = {}
+    exec(compile(run, "README.md", "exec"), namespace)
+    assert int(namespace["state"].step) == 2 and (tmp_path / "my.pt").is_file()
 
 
 @pytest.fixture(scope="module")

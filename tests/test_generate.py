@@ -108,7 +108,8 @@ def test_stream_adds_up_to_the_decoded_text():
 
 @pytest.fixture(scope="module")
 def owl_model():
-    """A small model trained on mini-owl.md until it knows the story (about 25 s on 2 cores)."""
+    """A small model trained on mini-owl.md until it knows the story (60 epochs: its loss is below 0.03 from
+    about epoch 55 whatever the shuffle; about 30 s on 2 cores)."""
     from minifn.tokenizer import load_tokenizer
 
     text = shared_file("mini-owl.md").read_text()
@@ -119,7 +120,7 @@ def owl_model():
     state = init_state(init_params(config, 0), tx)
     step = make_train_step(config, tx, compile="off")
     tokens = torch.tensor(tok.encode(text))
-    for epoch in range(40):
+    for epoch in range(60):
         for batch in batches(tokens, 64, 8, 8, epoch=epoch, shuffle=True):
             state, metrics = step(state, batch)
     return state.params, config, tok, text

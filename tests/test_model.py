@@ -7,8 +7,8 @@ from torch.func import functional_call
 from conftest import tiny_config
 from minifn.config import ConfigError, ModelConfig
 from minifn.model import apply, init_params, num_params
-from minifn.rng import dropout, fold_in
 from minifn.reference import ReferenceTransformer
+from minifn.rng import dropout, fold_in
 
 
 def perturbed(params, scale=0.1):
@@ -74,14 +74,15 @@ def test_init_is_deterministic_per_seed(tiny):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("num_heads", 0, "num_heads must be positive"),
-    ("embed_dim", -4, "embed_dim must be positive"),
-    ("head_dim", 7, "head_dim must be even for rotary embeddings"),
-    ("vocab_size", 2.5, "vocab_size must be a whole number"),
-    ("num_layers", "2", "num_layers must be a number"),
-    ("eps", float("nan"), "eps must be positive"),
-    ("ff_dim", float("inf"), "ff_dim must be"),
-    ("max_seq_len", 0, "max_seq_len must be positive"),
+    ("num_heads", 0, "--num-heads must be positive"),
+    ("embed_dim", -4, "--embed-dim must be positive"),
+    ("head_dim", 7, "--head-dim must be even for rotary embeddings"),
+    ("vocab_size", 2.5, "--vocab-size must be a whole number"),
+    ("num_layers", "2", "--num-layers must be a whole number"),
+    ("eps", float("nan"), "--eps must be finite"),
+    ("ff_dim", float("inf"), "--ff-dim must be"),
+    ("max_seq_len", 0, "--max-seq-len must be positive"),
+    ("bias", 1, "--bias must be true or false"),
 ])
 def test_config_rejects_each_bad_value(field, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -10,9 +10,10 @@ or from the environment as MINIFN_<COMMAND>_<OPTION>, e.g. MINIFN_TRAIN_LR=3e-4.
     generate.py  minifn generate
     evaluate.py  minifn eval, minifn plot
     hf.py        minifn export, minifn import (the Hugging Face Llama format)
+    sweep.py     minifn sweep (several runs in one vmapped step)
 """
 
-from minifn.cli import evaluate, generate, hf, prepare, tokenize, train  # noqa: F401 - importing registers the commands
+from minifn.cli import evaluate, generate, hf, prepare, sweep, tokenize, train  # noqa: F401 - importing registers the commands
 from minifn.cli.base import cli
 
 __all__ = ["cli", "main"]

@@ -69,15 +69,19 @@ def one_line_errors(fn):
     return wrapper
 
 
-def setting_options(fields: list[dataclasses.Field]):
+def setting_options(fields: list[dataclasses.Field], lists: tuple[str, ...] = ()):
     """Click options for settings fields: the flag, the environment variable and the TOML key all carry
-    the field's name; help, default and choices come from the field."""
+    the field's name; help, default and choices come from the field. Fields named in lists take
+    comma-separated values (as text, for the command to split)."""
 
     def decorate(fn):
         for f in reversed(fields):
             meta, default = f.metadata, f.default
             help = meta["help"] + (f" In {meta['unit']}." if meta["unit"] else "")
-            if isinstance(default, bool):
+            if f.name in lists:
+                decls, kwargs, default = [flag(f.name)], {"type": click.STRING}, str(default)
+                help += " Comma-separated values sweep it."
+            elif isinstance(default, bool):
                 decls, kwargs = [f"{flag(f.name)}/--no-{f.name.replace('_', '-')}"], {}
             else:
                 kind = click.Choice(meta["choices"]) if meta["choices"] else (
@@ -167,13 +171,17 @@ def cli():
     """minifn: pure-functional language-model training on torch.func and torch.compile."""
 
 
-def load_model(path: str, device, tokenizer: str | None = None):
+weights_option = click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
+                              help="The trained weights, or their moving average (a run trained with --ema).")
+
+
+def load_model(path: str, device, tokenizer: str | None = None, weights: str = "raw"):
     """(params, model config, tokenizer, header) from a checkpoint. The tokenizer is the one recorded in
-    it (or --tokenizer), and must have the sha256 the model was trained with."""
+    it (or --tokenizer), and must have the sha256 the model was trained with. weights: 'raw' or 'ema'."""
     from minifn.checkpoint import CheckpointError, load_params
     from minifn.tokenizer import load_tokenizer
 
-    params, config, meta = load_params(path, device)
+    params, config, meta = load_params(path, device, weights)
     recorded = meta["tokenizer"]
     name = tokenizer or recorded.get("path") or recorded["name"]
     if recorded["name"] == "mistral" and not tokenizer:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from minifn.cli.base import DEFAULT_CHECKPOINT, UserError, cli, load_model, one_line_errors
+from minifn.cli.base import DEFAULT_CHECKPOINT, UserError, cli, load_model, one_line_errors, weights_option
 
 
 @cli.command()
@@ -23,10 +23,11 @@ from minifn.cli.base import DEFAULT_CHECKPOINT, UserError, cli, load_model, one_
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="off",
               show_default=True, help="Compile the decode step (pays off for long generations).")
+@weights_option
 @click.option("--verbose", is_flag=True)
 @one_line_errors
 def generate(checkpoint_path, tokenizer, prompt, max_tokens, temperature, top_k, top_p, repetition_penalty, greedy,
-             seed, device, compile_mode, verbose):
+             seed, device, compile_mode, weights, verbose):
     """Continue a prompt with a trained model, streaming text as it is produced."""
     import torch
 
@@ -35,7 +36,7 @@ def generate(checkpoint_path, tokenizer, prompt, max_tokens, temperature, top_k,
     from minifn.run import resolve_device
 
     device = resolve_device(device)
-    params, config, tok, _ = load_model(checkpoint_path, device, tokenizer)
+    params, config, tok, _ = load_model(checkpoint_path, device, tokenizer, weights)
     if prompt == "-":
         prompt = sys.stdin.read()
     try:

@@ -29,7 +29,8 @@ class Printer:
             self.echo(f"Resuming from {e['path']}: epoch {e['epoch'] + 1}, batch {e['batch']}, step {e['step']}")
         if e["changes"]:
             self.echo(f"Note: resuming with changed settings, applied from now on ({'; '.join(e['changes'])})")
-        tokenized = "read from the token cache" if e["cached"] else f"tokenized in {e['seconds']:.2f} s"
+        tokenized = ("a prepared corpus" if e.get("corpus") else "read from the token cache" if e["cached"]
+                     else f"tokenized in {e['seconds']:.2f} s")
         self.echo(f"Training {e['params'] / 1e6:.2f}M parameters on {e['tokens']} tokens of {e['dataset']} "
                   f"({tokenized}; {e['steps_per_epoch']} steps/epoch, {e['total_steps']} steps in all, "
                   f"device {e['device']}, compile {e['compile']})")
@@ -58,12 +59,16 @@ class Printer:
             line += f" [Val Loss: {e['val_loss']:.4f}]"
             if self.criterion == "cross_entropy":
                 line += f" [Val Perplexity: {_perplexity(e['val_loss']):.6f}]"
+        if "ema_val_loss" in e:
+            line += f" [EMA Val Loss: {e['ema_val_loss']:.4f}]"
         self.echo(line)
 
     def eval(self, e: dict) -> None:
         line = f"[Step: {e['step']}] [Val Loss: {e['val_loss']:.4f}]"
         if self.criterion == "cross_entropy":
             line += f" [Val Perplexity: {e['val_perplexity']:.4f}] [Val BPB: {e['val_bpb']:.4f}]"
+        if "ema_val_loss" in e:
+            line += f" [EMA Val Loss: {e['ema_val_loss']:.4f}]"
         self.echo(line + (" [best]" if "best" in e else ""))
 
     def close(self) -> None:

@@ -1,0 +1,163 @@
+"""Sweep benchmark: K learning rates trained in one compiled, vmapped step against K compiled runs in turn.
+
+    python benchmarks/sweep.py                 # K = 8, tiny config, writes its section of RESULTS.md
+    python benchmarks/sweep.py --quick         # fewer rounds
+    python benchmarks/sweep.py --config seed --k 4 --device cuda
+
+Speed: one process builds both (the sweep: minifn.sweep.make_sweep_step over K stacked AdamW states whose
+learning rates differ; the sequential runs: one compiled train_step called on each of K states) and steps
+them round-robin, so machine noise hits both alike; the ratio is of medians. Memory: each variant in its
+own process (peak RSS on a CPU, the allocator's peak on a GPU), the sweep against one run, which K
+separate runs would need K times over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import CONFIGS, batch_for, bench_device, machine, median_seconds, peak_memory_mb, sync, write_section  # noqa: E402, I001
+
+import optree  # noqa: E402
+
+from minifn import init_params, init_state, optim  # noqa: E402
+from minifn.step import make_train_step  # noqa: E402
+from minifn.sweep import make_sweep_step, sweep_states  # noqa: E402
+
+BASE_LR, WEIGHT_DECAY = 1e-3, 0.01
+
+
+def lrs(k: int) -> list[float]:
+    """K learning rates spaced evenly in log from BASE_LR / 10 to BASE_LR * 10."""
+    return [BASE_LR * 10 ** (-1 + 2 * i / max(k - 1, 1)) for i in range(k)]
+
+
+def build(variant: str, config_name: str, k: int):
+    """(one round: K optimizer steps of every member, its state bytes) for 'sweep' or 'sequential'."""
+    config, batch_size = CONFIGS[config_name]
+    device = bench_device()
+    tx = optim.adamw(lr=BASE_LR, weight_decay=WEIGHT_DECAY)
+    params = init_params(config, seed=0, device=device)
+    batch = batch_for(config, batch_size)
+    if variant == "sweep":
+        holder = [sweep_states(params, tx, [{"lr": lr} for lr in lrs(k)])]
+        step = make_sweep_step(config, tx, compile="on", device=device)
+
+        def one_round():
+            holder[0], _ = step(holder[0], batch)
+    else:
+        states = [init_state(params, tx) for _ in range(k)]
+        holder = [s._replace(opt_state=optim.set_hyperparams(s.opt_state, lr=lr)) for s, lr in zip(states, lrs(k))]
+        step = make_train_step(config, tx, compile="on", device=device)
+
+        def one_round():
+            for i in range(k):
+                holder[i], _ = step(holder[i], batch)
+
+    state_bytes = sum(x.numel() * x.element_size() for x in optree.tree_leaves(holder))
+    return one_round, state_bytes
+
+
+def worker(variant: str, config_name: str, k: int, repeats: int) -> dict:
+    """A variant alone in this process: compile time, step time, peak memory."""
+    one_round, state_bytes = build(variant, config_name, k)
+    start = time.perf_counter()
+    one_round()
+    sync()
+    compile_s = time.perf_counter() - start
+    one_round()
+    return {"compile_s": compile_s, "round_s": median_seconds(one_round, repeats), "peak_memory_mb": peak_memory_mb(),
+            "state_mb": state_bytes / 2**20}
+
+
+def interleaved(config_name: str, k: int, rounds: int) -> dict:
+    """Both variants in one process, stepping in turn; the medians of their rounds."""
+    variants = {v: build(v, config_name, k)[0] for v in ("sweep", "sequential")}
+    for one_round in variants.values():
+        one_round()
+        one_round()
+    times = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v, one_round in variants.items():
+            times[v].append(median_seconds(one_round, 1))
+    return {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+
+
+def run_child(args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report(config_name: str, k: int, alone: dict, together: dict, command: str) -> str:
+    config, batch_size = CONFIGS[config_name]
+    memory = "peak GPU memory" if bench_device().type == "cuda" else "peak RSS"
+    sweep, seq = alone["sweep"], alone["sequential"]
+    one_run = {**seq, "peak_memory_mb": alone["single"]["peak_memory_mb"], "state_mb": alone["single"]["state_mb"]}
+    ratio = together["sequential"] / together["sweep"]
+    return f"""## Sweep
+
+Machine: {machine()}
+
+Command: `{command}`
+
+{k} learning rates ({', '.join(f'{lr:.1e}' for lr in lrs(k))}; AdamW, weight decay {WEIGHT_DECAY}), {config_name} \
+config (embed {config.embed_dim}, {config.num_layers} layers, vocab {config.vocab_size}, seq {config.max_seq_len}, \
+batch {batch_size}), every member on the same batch: one compiled `make_sweep_step` over the {k} stacked states \
+versus {k} calls of one compiled `train_step` on {k} states, stepping in turn in one process.
+
+| | sweep, one step | {k} runs in turn | ratio |
+|---|---|---|---|
+| time per round of {k} optimizer steps, interleaved (ms) | {together['sweep'] * 1e3:.1f} | \
+{together['sequential'] * 1e3:.1f} | **{ratio:.2f}x** |
+| time per round, own process (ms) | {sweep['round_s'] * 1e3:.1f} | {seq['round_s'] * 1e3:.1f} | \
+{seq['round_s'] / sweep['round_s']:.2f}x |
+| first call, compile included (s) | {sweep['compile_s']:.1f} | {seq['compile_s']:.1f} | |
+
+Memory ({memory}, each in its own process): the sweep {sweep['peak_memory_mb']:.0f} MB; one run alone \
+{one_run['peak_memory_mb']:.0f} MB, so {k} separate runs {k * one_run['peak_memory_mb']:.0f} MB \
+({sweep['peak_memory_mb'] / (k * one_run['peak_memory_mb']):.2f}x of that for the sweep). State \
+(parameters and optimizer): {sweep['state_mb']:.1f} MB for the sweep, {one_run['state_mb']:.1f} MB per run.
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer timed rounds")
+    parser.add_argument("--config", default="tiny", choices=list(CONFIGS))
+    parser.add_argument("--k", type=int, default=8, help="members (learning rates)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="[cuda when present]")
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--worker", nargs=4, metavar=("VARIANT", "CONFIG", "K", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", nargs=3, metavar=("CONFIG", "K", "ROUNDS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device:
+        os.environ["MINIFN_BENCH_DEVICE"] = args.device  # the worker processes inherit it
+    if args.worker:
+        variant, name, k, repeats = args.worker
+        print(json.dumps(worker(variant, name, int(k), int(repeats))))
+        return
+    if args.interleaved:
+        name, k, rounds = args.interleaved
+        print(json.dumps(interleaved(name, int(k), int(rounds))))
+        return
+    repeats, rounds = (3, 5) if args.quick else (10, 20)
+    alone = {v: run_child(["--worker", v, args.config, str(args.k), str(repeats)]) for v in ("sweep", "sequential")}
+    alone["single"] = run_child(["--worker", "sequential", args.config, "1", str(repeats)])
+    together = run_child(["--interleaved", args.config, str(args.k), str(rounds)])
+    command = ("python benchmarks/sweep.py " + " ".join(sys.argv[1:])).strip()
+    text = report(args.config, args.k, alone, together, command)
+    write_section(args.output, "sweep", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

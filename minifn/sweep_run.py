@@ -1,0 +1,159 @@
+"""`minifn sweep`: K runs that differ in hyperparameters, trained together through one vmapped, compiled step.
+
+Members share the model's shape, the tokenizer, the data and its order (each batch is read once and
+broadcast to every member); they differ in their state: parameters (a swept --seed), optimizer
+hyperparameters (0-D tensors in each member's optimizer state), dropout rate and RNG key. Each member is an
+ordinary run: its own checkpoint and metrics log in the sweep's folder, which generate, eval and plot read
+like any other. A member whose loss becomes non-finite is frozen and reported; the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from minifn import checkpoint, optim
+from minifn.checkpoint import CheckpointError, Progress
+from minifn.config import Config, ConfigError, replace
+from minifn.loop import Interrupted, MetricsLog, _groups
+from minifn.run import hyperparams_of, loss_from_config, setup
+from minifn.step import init_state
+from minifn.sweep import make_sweep_step
+from minifn.trees import stack_trees, unstack_trees
+
+# What a sweep may vary: settings that live in each member's state, or (dropout) are passed per member.
+SWEEPABLE = ("lr", "weight_decay", "beta1", "beta2", "eps", "clip_grad", "momentum", "dampening", "dropout", "seed")
+
+
+def grid(values: dict[str, list]) -> list[dict]:
+    """Every combination of the swept values, the first setting varying slowest."""
+    unknown = sorted(set(values) - set(SWEEPABLE))
+    if unknown:
+        raise ConfigError(f"cannot sweep {', '.join(unknown)}; a sweep varies {', '.join(SWEEPABLE)}")
+    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
+
+
+def member_name(values: dict) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()) or "base"
+
+
+def _member(su, config: Config, path: Path):
+    """(state, progress, header) of one member: fresh, or resumed from its checkpoint."""
+    header = checkpoint.make_header(config, su.tokenizer_info, su.data.identity)
+    state = init_state(su.initial_params(config.run.seed), su.optimizer, seed=config.run.seed, ema=config.run.ema)
+    progress = Progress()
+    if path.exists() and not config.run.fresh:
+        tensors, saved = checkpoint.load(path)
+        refused, _ = checkpoint.resume_changes(Config.from_dict(saved["config"]), config)
+        if saved["data"] != header["data"]:
+            refused.append("the dataset's contents")
+        if refused:
+            raise CheckpointError(f"sweep member {path} cannot resume with these settings ({'; '.join(refused)}); "
+                                  "use the same command, or --fresh")
+        state, progress = checkpoint.load_state(tensors, saved, state)
+        header["run_id"] = saved["run_id"]
+    return state._replace(opt_state=optim.set_hyperparams(state.opt_state, **hyperparams_of(config.optim))), \
+        progress, header
+
+
+def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
+                on_event: Callable[[dict], None] = lambda e: None,
+                stop_requested: Callable[[], int | None] = lambda: None) -> list:
+    """Train (or resume) one run per entry of members (settings replacing config's); returns their states.
+
+    Args:
+      config: what every member shares (config.run.model is not used: members are saved in folder).
+      members: per member, {setting: value} over SWEEPABLE; its checkpoint is folder/<member_name>.pt.
+      folder: where the members' checkpoints and metrics logs go.
+      on_event: receives "start", "step" (every member's loss), "diverged", "epoch" and "eval" events.
+      stop_requested: returns a signal number when the sweep should save every member and stop."""
+    folder = Path(folder)
+    su = setup(config)
+    configs = [dataclasses.replace(replace(config, **values), model=su.config.model) for values in members]
+    names = [member_name(values) for values in members]
+    paths = [folder / f"{name}.pt" for name in names]
+    rc, spec = config.run, su.spec
+    if len({c.run.ema > 0 for c in configs}) != 1:
+        raise ConfigError("--ema must be on for every member of a sweep or for none")
+    loaded = [_member(su, c, p) for c, p in zip(configs, paths)]
+    progress, headers = [m[1] for m in loaded], [m[2] for m in loaded]
+    if len({(p.epoch, p.batch) for p in progress}) != 1:
+        raise CheckpointError(f"the members in {folder} are at different positions; resume each alone, or --fresh")
+    states = stack_trees([m[0] for m in loaded])
+    folder.mkdir(parents=True, exist_ok=True)
+    step = make_sweep_step(su.config.model, su.optimizer, loss_from_config(rc.criterion, rc.label_smoothing),
+                           reduction=rc.reduction, autocast_dtype=su.autocast_dtype,
+                           dropout_rates=[c.run.dropout for c in configs], compile=rc.compile, device=su.device)
+    evaluate = su.evaluator()
+    resumed = [p.exists() and not rc.fresh for p in paths]
+    logs = [MetricsLog(checkpoint.metrics_path(p), h["run_id"], int(m[0].step), r)
+            for p, h, m, r in zip(paths, headers, loaded, resumed)]
+    done, per_epoch = progress[0], spec.batches_per_epoch(len(su.data.train))
+    count, budget = int(states.step.max()), su.budget or math.inf
+    frozen = [int(s) < count for s in states.step]  # a member that froze before the last save stays frozen
+    on_event({"kind": "start", "members": names, "folder": folder, "resumed": any(resumed), "step": count,
+              "steps_per_epoch": su.steps_per_epoch, "total_steps": su.total_steps, "tokens": len(su.data.train),
+              "device": su.device.type, "compile": rc.compile})
+
+    def evaluate_all(kind: str, extra: dict) -> None:
+        for k, member in enumerate(unstack_trees(states)):
+            event = {**extra, **(evaluate(member) if evaluate and not frozen[k] else {})}
+            if kind == "epoch" and progress[k].tokens:
+                p = progress[k]
+                event["loss"] = p.loss_sum / p.tokens
+                p.history.append([p.epoch + 1, event["loss"]])
+            logs[k].write({"kind": kind, **event})
+            on_event({"kind": kind, "member": names[k], "frozen": frozen[k], **event})
+
+    def save_all() -> None:
+        for log in logs:
+            log.sync()
+        for member, path, p, header, log in zip(unstack_trees(states), paths, progress, headers, logs):
+            checkpoint.save_state(path, member, p, header)
+            log.saved()
+
+    try:
+        while done.epoch < rc.num_epochs and count < budget:
+            for group in _groups(su.data.train, spec, done.epoch, done.batch):
+                if (signum := stop_requested()) is not None:
+                    save_all()
+                    raise Interrupted(signum, folder)
+                x = torch.stack([g[0] for g in group]).to(su.device)
+                y = torch.stack([g[1] for g in group]).to(su.device)
+                states, m = step(states, (x, y))
+                count += 1
+                losses, tokens, stopped = torch.stack([m["loss"].double(), m["tokens"].double(),
+                                                       m["frozen"].double()]).tolist()
+                for k, p in enumerate(progress):
+                    p.batch = min(p.batch + spec.grad_accum_steps, per_epoch)
+                    if stopped[k] and not frozen[k]:
+                        frozen[k] = True
+                        on_event({"kind": "diverged", "member": names[k], "step": count, "loss": losses[k]})
+                    if not frozen[k]:
+                        p.loss_sum, p.tokens = p.loss_sum + losses[k] * tokens[k], p.tokens + int(tokens[k])
+                        logs[k].write({"kind": "step", "step": count, "epoch": p.epoch + 1, "batch": p.batch,
+                                       "batches": per_epoch, "loss": losses[k]})
+                on_event({"kind": "step", "step": count, "losses": losses, "frozen": list(frozen)})
+                if rc.eval_every and count % rc.eval_every == 0 and evaluate:
+                    evaluate_all("eval", {"step": count})
+                if count >= budget:
+                    break
+            if done.batch < per_epoch:  # the step budget ended the sweep inside an epoch
+                break
+            evaluate_all("epoch", {"epoch": done.epoch + 1, "epochs": rc.num_epochs, "step": count})
+            for p in progress:
+                p.epoch, p.batch, p.loss_sum, p.tokens = p.epoch + 1, 0, 0.0, 0
+            if (rc.save_every and done.epoch % rc.save_every == 0) or done.epoch == rc.num_epochs:
+                save_all()
+        if count >= budget and evaluate and rc.eval_every and count % rc.eval_every:
+            evaluate_all("eval", {"step": count})
+        save_all()
+    finally:
+        for log in logs:
+            log.close()
+    return unstack_trees(states)

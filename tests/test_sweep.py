@@ -1,0 +1,167 @@
+"""Sweeps: every member of a vmapped sweep equals the same run trained alone, eager and compiled, and a
+member that diverges is frozen while the others go on."""
+
+import math
+
+import optree
+import pytest
+import torch
+
+from conftest import tiny_config
+from minifn import optim, unstack_trees
+from minifn.data import batches
+from minifn.model import init_params
+from minifn.step import init_state, train_step
+from minifn.sweep import make_sweep_step, sweep_states
+
+CONFIG = tiny_config()
+STEPS = 5
+# SGD is linear in the gradient, so compiled and eager agree to float noise (Adam's first steps, about
+# lr * sign(g), turn that noise into whole-lr jumps; see test_trees). Built with nonzero momentum and
+# weight decay so that each member can set its own, including 0.
+SGD = dict(lr=0.1, momentum=0.9, weight_decay=0.1)
+SGD_MEMBERS = [dict(lr=0.3, weight_decay=0.0), dict(lr=0.1, weight_decay=0.1), dict(lr=0.03, weight_decay=0.3)]
+EMA = 0.8
+
+
+def data(steps=STEPS):
+    """Batches of two micro-batches of 2 windows, [2, 2, 16] (so the noise scale is defined)."""
+    tokens = torch.randint(0, CONFIG.vocab_size, (600,))
+    return [(x.view(2, 2, 16), y.view(2, 2, 16)) for _, (x, y) in zip(range(steps), batches(tokens, 16, 8, 4))]
+
+
+def alone(params, hyper, batches_, *, base, make, seed=0, dropout=0.0, ema=EMA, log_gns=False):
+    """The run of one member on its own: its optimizer built with its values, a Python-float dropout rate.
+    Returns the state after each step, and the last step's metrics."""
+    tx = make(**{**base, **hyper})
+    state = init_state(params, tx, seed=seed, ema=ema)
+    states, metrics = [], None
+    for batch in batches_:
+        state, metrics = train_step(state, batch, config=CONFIG, optimizer=tx, dropout_rate=dropout, log_gns=log_gns)
+        states.append(state)
+    return states, metrics
+
+
+def trained(state):
+    """What training changes: parameters, EMA, step, key and the optimizer's buffers and counts (not its
+    hyperparameters: set_hyperparams also sets an unused weight_decay that a solo SGD leaves at 0)."""
+    buffers = [x for x in optree.tree_leaves(state.opt_state) if x.ndim > 0 or not x.is_floating_point()]
+    return state.params, state.ema, state.step, state.rng, buffers
+
+
+def assert_same(member, solo, tol):
+    for a, b in zip(optree.tree_leaves(trained(member)), optree.tree_leaves(trained(solo)), strict=True):
+        if a.is_floating_point():
+            assert ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item() < tol
+        else:
+            assert torch.equal(a, b)
+
+
+def test_eager_members_equal_their_runs_alone_with_their_own_dropout_and_seed():
+    members = [dict(lr=3e-3, weight_decay=0.0), dict(lr=1e-2, weight_decay=0.1), dict(lr=3e-2, weight_decay=0.3)]
+    rates, seeds = [0.0, 0.1, 0.2], [3, 4, 5]
+    tx = optim.adamw(lr=1e-3, weight_decay=0.1)
+    params = [init_params(CONFIG, s) for s in seeds]
+    states = sweep_states(params, tx, members, seeds=seeds, ema=EMA)
+    step = make_sweep_step(CONFIG, tx, dropout_rates=rates, compile="off")
+    batches_ = data()
+    for batch in batches_:
+        states, metrics = step(states, batch)
+    assert metrics["loss"].shape == (3,) and not metrics["frozen"].any()
+    for k, member in enumerate(unstack_trees(states)):
+        solo = alone(params[k], members[k], batches_, base=dict(lr=1e-3), make=optim.adamw, seed=seeds[k],
+                     dropout=rates[k])[0][-1]
+        assert_same(member, solo, 1e-6)
+        assert int(member.step) == STEPS
+
+
+@pytest.fixture(scope="module")
+def compiled_sweep():
+    """The one compiled sweep step the tests share (SGD with momentum and decay, EMA and noise scale on):
+    about 40 s."""
+    return make_sweep_step(CONFIG, optim.sgd(**SGD), log_gns=True, compile="on")
+
+
+@pytest.mark.slow
+def test_compiled_members_equal_their_runs_alone(compiled_sweep):
+    params = init_params(CONFIG, int(torch.randint(0, 1000, ())))
+    states = sweep_states(params, optim.sgd(**SGD), SGD_MEMBERS, ema=EMA)
+    batches_ = data()
+    for batch in batches_:
+        states, metrics = compiled_sweep(states, batch)
+    assert not metrics["frozen"].any()
+    for k, (hyper, member) in enumerate(zip(SGD_MEMBERS, unstack_trees(states))):
+        solo, solo_metrics = alone(params, hyper, batches_, base=SGD, make=optim.sgd, log_gns=True)
+        assert_same(member, solo[-1], 1e-5)
+        for name in ("loss", "grad_norm", "gns_g2", "gns_trace"):
+            torch.testing.assert_close(metrics[name][k], solo_metrics[name], rtol=1e-4, atol=0)
+
+
+def diverged(state, metrics) -> bool:
+    finite = [math.isfinite(metrics["loss"]), math.isfinite(metrics["grad_norm"])]
+    return not (all(finite) and all(torch.isfinite(p).all() for p in state.params.values()))
+
+
+def diverging_lr(params, batches_):
+    """An SGD learning rate whose run alone diverges within the batches, and that step (1-based)."""
+    for lr in (30.0, 300.0, 3e3, 3e4, 3e5):
+        tx = optim.sgd(**{**SGD, "lr": lr})
+        state = init_state(params, tx)
+        for i, batch in enumerate(batches_, 1):
+            state, m = train_step(state, batch, config=CONFIG, optimizer=tx)
+            if diverged(state, m):
+                return lr, i
+    raise AssertionError("no learning rate diverged")
+
+
+# Compiled, a diverging run is chaotic: float noise grows with the huge learning rate and the frozen
+# state differs from the eager run's by far more than 1e-5, so the compiled case freezes a member with an
+# infinite learning rate (non-finite parameters after its first step: frozen at its initial state).
+@pytest.mark.parametrize("compiled,lr", [(False, None), (False, math.inf),
+                                         pytest.param(True, math.inf, marks=pytest.mark.slow)],
+                         ids=["eager-diverging", "eager-infinite-lr", "compiled-infinite-lr"])
+def test_a_diverging_member_is_frozen_and_the_others_go_on(compiled, lr, request):
+    params = init_params(CONFIG, 0)
+    batches_ = data(12)
+    lr, bad_step = diverging_lr(params, batches_) if lr is None else (lr, 1)
+    members = [SGD_MEMBERS[0], {"lr": lr, "weight_decay": 0.1}, SGD_MEMBERS[2]]
+    states = sweep_states(params, optim.sgd(**SGD), members, ema=EMA)
+    step = request.getfixturevalue("compiled_sweep") if compiled else make_sweep_step(CONFIG, optim.sgd(**SGD),
+                                                                                       compile="off")
+    frozen = []
+    for batch in batches_:
+        states, metrics = step(states, batch)
+        frozen.append(metrics["frozen"].tolist())
+    assert frozen == [[False, False, False]] * (bad_step - 1) + [[False, True, False]] * (len(batches_) - bad_step + 1)
+    runs = unstack_trees(states)
+    assert int(runs[1].step) == bad_step - 1 and int(runs[0].step) == len(batches_)
+    assert all(torch.isfinite(p).all() for p in runs[1].params.values())
+    tol = 1e-5 if compiled else 1e-6
+    solo_bad = alone(params, members[1], batches_[: bad_step - 1], base=SGD, make=optim.sgd)[0]
+    assert_same(runs[1], solo_bad[-1] if solo_bad else init_state(params, optim.sgd(**SGD), ema=EMA), tol)
+    for k in (0, 2):
+        assert_same(runs[k], alone(params, members[k], batches_, base=SGD, make=optim.sgd)[0][-1], tol)
+
+
+def test_a_member_behind_the_others_stays_frozen_even_when_its_step_would_be_finite():
+    tx = optim.sgd(**SGD)
+    states = sweep_states(init_params(CONFIG, 0), tx, SGD_MEMBERS, ema=EMA)
+    states = states._replace(step=torch.tensor([4, 3, 4]))  # member 1 froze at an earlier step
+    new, metrics = make_sweep_step(CONFIG, tx, compile="off")(states, data(1)[0])
+    assert metrics["frozen"].tolist() == [False, True, False] and metrics["loss"].isfinite().all()
+    assert new.step.tolist() == [5, 3, 5]
+    before, after = unstack_trees(states)[1], unstack_trees(new)[1]
+    assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(before), optree.tree_leaves(after)))
+
+
+def test_sweep_states_refuses_what_cannot_work():
+    params = init_params(CONFIG, 0)
+    with pytest.raises(ValueError, match="momentum"):  # SGD built without its momentum buffer
+        sweep_states(params, optim.sgd(lr=0.1), [{"momentum": 0.9}, {"momentum": 0.5}])
+    with pytest.raises(ValueError, match="one entry per member"):
+        sweep_states([params, params], optim.sgd(lr=0.1), [{"lr": 0.1}] * 3)
+    with pytest.raises(ValueError, match="every member"):
+        sweep_states(params, optim.sgd(lr=0.1), [{"lr": 0.1}] * 2, ema=[0.9, 0.0])
+    stacked = sweep_states(params, optim.sgd(lr=0.1), [{"lr": 0.1}, {"lr": 0.2}], seeds=[1, 2])
+    assert stacked.params["embed.weight"].shape == (2, *params["embed.weight"].shape)
+    assert stacked.rng[0] != stacked.rng[1] and stacked.ema == ()

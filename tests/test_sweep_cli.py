@@ -1,0 +1,64 @@
+"""minifn sweep: every member is the run trained alone, resumes exactly, and a diverging one is frozen."""
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_FLAGS, invoke
+from minifn import checkpoint
+
+FLAGS = [*TINY_FLAGS, "--scheduler", "none", "--clip-grad", "0", "--val-fraction", "0.2"]
+
+
+@pytest.fixture
+def story(tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:700])
+    return path
+
+
+def params(path):
+    return {k: v for k, v in checkpoint.load(path)[0].items() if k.startswith("params.")}
+
+
+def test_each_member_equals_its_run_alone_and_diverged_ones_freeze(story, tmp_path):
+    out = tmp_path / "sweep"
+    result = invoke("sweep", "--dataset", story, "--output", out, *FLAGS, "--num-epochs", 2,
+                    "--lr", "1e-3,1e-2,1e30", "--weight-decay", "0,0.1")
+    assert result.exit_code == 0, result.output
+    assert "Sweep complete! Runs ranked by validation loss:" in result.output
+    assert result.output.count("is frozen at its last finite state") == 2  # lr=1e30, both weight decays
+    for lr, wd in (("0.001", "0"), ("0.01", "0.1")):
+        alone = tmp_path / f"alone{lr}.pt"
+        assert invoke("train", "--dataset", story, "--model", alone, *FLAGS, "--num-epochs", 2, "--lr", lr,
+                      "--weight-decay", wd).exit_code == 0
+        member = out / f"lr={float(lr):g},weight_decay={float(wd):g}.pt"
+        a, b = params(alone), params(member)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+        assert checkpoint.load(member)[1]["config"]["optim"]["lr"] == float(lr)
+    frozen = params(out / "lr=1e+30,weight_decay=0.pt")
+    assert all(torch.isfinite(v).all() for v in frozen.values())
+    generated = invoke("generate", "--model", out / "lr=0.01,weight_decay=0.1.pt", "--prompt", "The", "--max-tokens", 3)
+    assert generated.exit_code == 0, generated.output
+    plotted = invoke("plot", out, "-o", tmp_path / "sweep.png")
+    assert plotted.exit_code == 0 and (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_resumed_sweep_equals_an_uninterrupted_one(story, tmp_path):
+    sweep = ["--lr", "1e-3,3e-3", "--dropout", "0,0.1"]
+    assert invoke("sweep", "--dataset", story, "--output", tmp_path / "whole", *FLAGS, "--num-epochs", 3,
+                  *sweep).exit_code == 0
+    assert invoke("sweep", "--dataset", story, "--output", tmp_path / "cut", *FLAGS, "--num-epochs", 1,
+                  *sweep).exit_code == 0
+    resumed = invoke("sweep", "--dataset", story, "--output", tmp_path / "cut", *FLAGS, "--num-epochs", 3, *sweep)
+    assert resumed.exit_code == 0, resumed.output
+    for member in (tmp_path / "whole").glob("*.pt"):
+        a, b = params(member), params(tmp_path / "cut" / member.name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sweep_refuses_what_it_cannot_vary(story, tmp_path):
+    result = invoke("sweep", "--dataset", story, "--output", tmp_path / "s", *FLAGS, "--lr", "1e-3,abc")
+    assert result.exit_code == 2 and "comma-separated numbers" in result.output
+    result = invoke("sweep", "--dataset", story, "--output", tmp_path / "s", *FLAGS, "--lr", "1e-3,-1")
+    assert result.exit_code == 1 and "--lr must be positive" in result.output

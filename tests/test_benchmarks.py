@@ -16,6 +16,7 @@ SCRIPTS = [
     ("profile_step.py", ["--configs", "tiny"], "## Where the time goes"),
     ("data.py", ["--quick"], "## Data: prepare and reading from shards"),
     ("sweep.py", ["--quick", "--k", "2"], "## Sweep"),
+    ("corpus_training.py", ["--quick", "--steps", "2"], "## Training from a prepared corpus"),
 ]
 
 

@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import machine, write_section  # noqa: E402
+
 from data import make_corpus, run_measured  # noqa: E402
 
 MODEL = ["--num-layers", "4", "--num-heads", "8", "--head-dim", "32", "--embed-dim", "256", "--ff-dim", "1024",

@@ -114,12 +114,17 @@ def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> Pat
             reason = "the disk is full" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0][:120])
             raise CheckpointError(f"could not write checkpoint {path} ({reason}); {kept}") from None
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries to disk, so a rename into it survives a crash."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> int:

@@ -222,11 +222,7 @@ def write_directory(output: str | os.PathLike, files: dict[str, dict | Path | Ca
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    dir_fd = os.open(output.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    checkpoint.fsync_dir(output.parent)
     return output
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minifn.checkpoint import fsync_dir
 from minifn.corpus import (
     FORMAT,
     MANIFEST,
@@ -312,12 +313,7 @@ def _install(folder: Path, output: Path, overwrite: bool) -> None:
     os.rename(folder, output)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    try:
-        fd = os.open(output.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
+    fsync_dir(output.parent)
 
 
 def _write_manifest(folder: Path, data: dict) -> None:

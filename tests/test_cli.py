@@ -6,13 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import ROOT
+from conftest import ROOT, TINY_FLAGS
 from minifn import checkpoint
 from minifn.cli import cli
 
 STORY = (ROOT / "data" / "lighthouse.txt").read_text()[:600]
-TINY = ["--num-layers", "1", "--num-heads", "2", "--head-dim", "8", "--embed-dim", "16", "--ff-dim", "32",
-        "--max-seq-len", "32", "--batch-stride", "16", "--batch-size", "2", "--compile", "off"]
+TINY = TINY_FLAGS
 
 
 @pytest.fixture

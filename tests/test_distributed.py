@@ -10,15 +10,14 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TINY_FLAGS
 from minifn import checkpoint
 from minifn.data import batches
 from minifn.model import init_params
 from minifn.step import init_state, make_train_step
 
 HERE = ROOT / "tests"
-TINY = ["--num-layers", "1", "--num-heads", "2", "--head-dim", "8", "--embed-dim", "16", "--ff-dim", "32",
-        "--max-seq-len", "32", "--batch-stride", "16", "--batch-size", "2", "--compile", "off"]
+TINY = TINY_FLAGS
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 

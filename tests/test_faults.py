@@ -15,13 +15,12 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT
+from conftest import ROOT, TINY_FLAGS
 from minifn import checkpoint
 from minifn.cli import cli
 from minifn.data import batches
 
-TINY = ["--num-layers", "1", "--num-heads", "2", "--head-dim", "8", "--embed-dim", "16", "--ff-dim", "32",
-        "--max-seq-len", "32", "--batch-stride", "16", "--batch-size", "2", "--compile", "off"]
+TINY = TINY_FLAGS
 STORY = (ROOT / "data" / "lighthouse.txt").read_text()[:600]
 
 

@@ -30,8 +30,9 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return args
 
 
-def launch(nproc: int, grace_s: float = 30.0) -> int:
-    """Start nproc ranks of this command and return the exit status the user should see."""
+def launch(nproc: int, settle_s: float = 5.0, grace_s: float = 30.0) -> int:
+    """Start nproc ranks of this command and return the exit status the user should see. When a rank fails,
+    the others get settle_s to end by themselves, then SIGTERM (they save), then grace_s before a kill."""
     port, args = _free_port(), _without_nproc(sys.argv[1:])
     procs = []
     for rank in range(nproc):
@@ -49,16 +50,18 @@ def launch(nproc: int, grace_s: float = 30.0) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        failed, failed_at = None, None
+        failed, failed_at, stopping = None, None, False
         while any(p.poll() is None for p in procs):
             if failed is None:
                 failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
-                if failed is not None:
-                    failed_at = time.time()
-                    for p in procs:
-                        if p.poll() is None:
-                            p.send_signal(signal.SIGTERM)  # they save and stop at their next step
-            elif time.time() - failed_at > grace_s:
+                failed_at = time.time() if failed is not None else None
+            elif not stopping and time.time() - failed_at > settle_s:
+                # a bad flag fails every rank by itself; the others are stuck on the dead one
+                stopping = True
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)  # they save and stop at their next step
+            elif time.time() - failed_at > settle_s + grace_s:
                 for p in procs:
                     if p.poll() is None:
                         p.kill()

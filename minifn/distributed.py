@@ -50,8 +50,12 @@ def init(device: torch.device, timeout_s: float = 120.0) -> World:
     return World(rank, world_size, local_rank, device)
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = False) -> None:
+    """Leave the process group; wait=True first waits for every rank, so none tears its connections down
+    while a peer still uses them (gloo aborts the peer then)."""
     if dist.is_initialized():
+        if wait:
+            _collective(dist.barrier)
         dist.destroy_process_group()
 
 

@@ -320,12 +320,15 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
                       "total_steps": su.total_steps, "device": device.type, "world_size": world_size,
                       "batch_size": dc.batch_size, "grad_accum_steps": dc.grad_accum_steps})
         try:
-            return fit(state, step, su.data.train, su.spec, num_epochs=rc.num_epochs, max_steps=su.budget,
+            state = fit(state, step, su.data.train, su.spec, num_epochs=rc.num_epochs, max_steps=su.budget,
                        device=device, checkpoint_path=path, header=header, progress=progress,
                        save_every=rc.save_every, save_every_steps=rc.save_every_steps, evaluate=evaluate,
                        eval_every=rc.eval_every, best_path=None if evaluate is None else best_path(path),
                        lr_of=lambda s: optim.current_lr(s.opt_state, su.schedule), report=on_event,
                        stop_requested=stop_requested)
+            if world:
+                distributed.shutdown(wait=True)
+            return state
         finally:
             if world:
                 distributed.shutdown()

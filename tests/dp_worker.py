@@ -33,4 +33,4 @@ if __name__ == "__main__":
     for _ in range(STEPS):
         state, _ = step(state, next(data))
     torch.save(state.params, f"{sys.argv[1]}/rank{world.rank}.pt")
-    distributed.shutdown()
+    distributed.shutdown(wait=True)

@@ -16,6 +16,10 @@ from minifn.sweep import make_sweep_step, sweep_states
 
 CONFIG = tiny_config()
 STEPS = 5
+# Compiled, the fused kernels round differently from eager, and SGD at lr 0.3 with momentum 0.9 grows that
+# noise: over 12 steps up to 1e-5 relative across seeds and CPUs (CI saw 1.01e-5). Members differ from each
+# other by about 8 relative, so 1e-4 still tells any two apart by five orders of magnitude.
+COMPILED_TOL = 1e-4
 # SGD is linear in the gradient, so compiled and eager agree to float noise (Adam's first steps, about
 # lr * sign(g), turn that noise into whole-lr jumps; see test_trees). Built with nonzero momentum and
 # weight decay so that each member can set its own, including 0.
@@ -92,7 +96,7 @@ def test_compiled_members_equal_their_runs_alone(compiled_sweep):
     assert not metrics["frozen"].any()
     for k, (hyper, member) in enumerate(zip(SGD_MEMBERS, unstack_trees(states))):
         solo, solo_metrics = alone(params, hyper, batches_, base=SGD, make=optim.sgd, log_gns=True)
-        assert_same(member, solo[-1], 1e-5)
+        assert_same(member, solo[-1], COMPILED_TOL)
         for name in ("loss", "grad_norm", "gns_g2", "gns_trace"):
             torch.testing.assert_close(metrics[name][k], solo_metrics[name], rtol=1e-4, atol=0)
 
@@ -115,7 +119,7 @@ def diverging_lr(params, batches_):
 
 
 # Compiled, a diverging run is chaotic: float noise grows with the huge learning rate and the frozen
-# state differs from the eager run's by far more than 1e-5, so the compiled case freezes a member with an
+# state differs from the eager run's by far more than COMPILED_TOL, so the compiled case freezes a member with an
 # infinite learning rate (non-finite parameters after its first step: frozen at its initial state).
 @pytest.mark.parametrize("compiled,lr", [(False, None), (False, math.inf),
                                          pytest.param(True, math.inf, marks=pytest.mark.slow)],
@@ -136,7 +140,7 @@ def test_a_diverging_member_is_frozen_and_the_others_go_on(compiled, lr, request
     runs = unstack_trees(states)
     assert int(runs[1].step) == bad_step - 1 and int(runs[0].step) == len(batches_)
     assert all(torch.isfinite(p).all() for p in runs[1].params.values())
-    tol = 1e-5 if compiled else 1e-6
+    tol = COMPILED_TOL if compiled else 1e-6
     solo_bad = alone(params, members[1], batches_[: bad_step - 1], base=SGD, make=optim.sgd)[0]
     assert_same(runs[1], solo_bad[-1] if solo_bad else init_state(params, optim.sgd(**SGD), ema=EMA), tol)
     for k in (0, 2):

@@ -72,7 +72,7 @@ def build(variant: str, config: ModelConfig, batch_size: int):
 
         return step
     tx = optim.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
-    train_step = make_train_step(config, tx, compile="on" if variant == "d" else "off", inplace=variant == "d",
+    train_step = make_train_step(config, tx, compile="on" if variant == "d" else "off", inplace=True,
                                  device=device)
     holder = [init_state(params, tx)]
 

@@ -29,7 +29,8 @@ def weight(decay: Tensor, count: Tensor, debias: bool = True) -> Tensor:
     return torch.where(count == 1, torch.ones_like(decay), 1 - decay)
 
 
-def update(ema: Any, params: Any, decay: Tensor, count: Tensor, debias: bool = True) -> Any:
-    """The average after step count: lerp(ema, params, w_t), leaf by leaf in each parameter's dtype."""
+def update(ema: Any, params: Any, decay: Tensor, count: Tensor, debias: bool = True, inplace: bool = False) -> Any:
+    """The average after step count: lerp(ema, params, w_t), leaf by leaf in each parameter's dtype
+    (written into ema's tensors with inplace)."""
     w = weight(decay, count, debias)
-    return optree.tree_map(lambda e, p: e.lerp(p, w.to(p.dtype)), ema, params)
+    return optree.tree_map(lambda e, p: (e.lerp_ if inplace else e.lerp)(p, w.to(p.dtype)), ema, params)

@@ -9,6 +9,9 @@ and `adamw` reproduce `torch.optim`'s arithmetic and defaults.
 The blocks work on flat lists of leaves with `torch._foreach_*` ops. Inputs are never modified: each
 block allocates its outputs and finishes them in place, because on CPU a new model-sized list costs up
 to ten times an in-place pass (page faults), and each one alive is another copy of the model in memory.
+The one exception is asked for: `update(..., inplace=True)` lets a block overwrite its own state's
+buffers (the caller donates the old state, as `jax.jit(donate_argnums=...)` does), which an eager train
+step uses to keep one copy of the moments instead of two. The values are the same, bit for bit.
 """
 
 from __future__ import annotations
@@ -28,7 +31,21 @@ Schedule = Callable[[Tensor, Tensor], Tensor]  # (step, base_lr) -> lr, see mini
 
 class GradientTransformation(NamedTuple):
     init: Callable[[Tree], Tree]
-    update: Callable[[Tree, Tree, Tree], tuple[Tree, Tree]]
+    update: Callable[..., tuple[Tree, Tree]]  # (grads, state, params, *, inplace=False) -> (updates, state)
+
+
+def run_update(transform: GradientTransformation, grads: Tree, state: Tree, params: Tree = None, *,
+               inplace: bool = False) -> tuple[Tree, Tree]:
+    """transform.update, passing inplace=True only when asked: a transform written without the keyword
+    still works wherever the state is not donated."""
+    if inplace:
+        return transform.update(grads, state, params, inplace=True)
+    return transform.update(grads, state, params)
+
+
+def _own(op: str, inplace: bool) -> str:
+    """op, or its in-place form when the block may overwrite its own state (inplace=True)."""
+    return f"{op}_" if inplace else op
 
 
 def _device(params: Tree) -> torch.device:
@@ -81,11 +98,12 @@ def foreach(op: str, *lists: list[Tensor]) -> list[Tensor]:
 # hence _lerp, global_norm leaf by leaf, and scalars as lists.
 
 
-def _lerp(start: list[Tensor], end: list[Tensor], weight: list[Tensor]) -> list[Tensor]:
-    """start + (end - start) * weight in a new list: one _foreach_lerp eagerly, three fusable ops compiled."""
-    if torch.compiler.is_compiling():
+def _lerp(start: list[Tensor], end: list[Tensor], weight: list[Tensor], inplace: bool = False) -> list[Tensor]:
+    """start + (end - start) * weight, in a new list (or in start with inplace): one _foreach_lerp eagerly,
+    three fusable ops compiled."""
+    if torch.compiler.is_compiling() and not inplace:
         return foreach("add_", foreach("mul_", foreach("sub", end, start), weight), start)
-    return foreach("lerp", start, end, weight)
+    return foreach(_own("lerp", inplace), start, end, weight)
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -109,15 +127,15 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, amsgrad=False) -> GradientTransfor
                                 _zeros(params) if amsgrad else (),
                                 _value(b1, params), _value(b2, params), _value(eps, params))
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, *, inplace=False):
         g, spec = optree.tree_flatten(grads)
         count = state.count + 1
         bias1 = 1 - state.b1**count
         scale, floor = _once(bias1 / (1 - state.b2**count).sqrt()), _once(bias1 * state.eps)
-        mu = _lerp(optree.tree_leaves(state.mu), g, _as(1 - state.b1, g))
-        nu = foreach("addcmul_", foreach("mul", optree.tree_leaves(state.nu), _as(state.b2, g)), g,
-                   foreach("mul", g, _as(1 - state.b2, g)))  # v * b2 + g * (g * (1 - b2)), as torch.optim
-        nu_max = foreach("maximum", optree.tree_leaves(state.nu_max), nu) if amsgrad else nu
+        mu = _lerp(optree.tree_leaves(state.mu), g, _as(1 - state.b1, g), inplace)
+        nu = foreach("addcmul_", foreach(_own("mul", inplace), optree.tree_leaves(state.nu), _as(state.b2, g)), g,
+                     foreach("mul", g, _as(1 - state.b2, g)))  # v * b2 + g * (g * (1 - b2)), as torch.optim
+        nu_max = foreach(_own("maximum", inplace), optree.tree_leaves(state.nu_max), nu) if amsgrad else nu
         # mu_hat / (sqrt(nu_hat) + eps) = mu / (sqrt(nu) * scale + floor), written into one new list
         d = foreach("add_", foreach("mul_", foreach("sqrt", nu_max), _as(scale, g)), _as(floor, g))
         d = foreach("mul_", foreach("reciprocal_", d), mu)
@@ -140,11 +158,12 @@ def trace(momentum=0.9, dampening=0.0, nesterov=False) -> GradientTransformation
     def init(params):
         return TraceState(_count(params), _zeros(params), _value(momentum, params), _value(dampening, params))
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, *, inplace=False):
         g, spec = optree.tree_flatten(grads)
         first = state.count == 0  # then buf * 0 + g * 1, which is exactly g
         keep, damp = torch.where(first, 0.0, state.momentum), torch.where(first, 1.0, 1 - state.dampening)
-        buf = foreach("addcmul_", foreach("mul", optree.tree_leaves(state.trace), _as(keep, g)), g, _as(damp, g))
+        buf = foreach("addcmul_", foreach(_own("mul", inplace), optree.tree_leaves(state.trace), _as(keep, g)), g,
+                      _as(damp, g))
         updates = foreach("add_", foreach("mul", buf, _as(state.momentum, g)), g) if nesterov else buf
         new = functools.partial(optree.tree_unflatten, spec)
         return new(updates), state._replace(count=state.count + 1, trace=new(buf))
@@ -162,7 +181,7 @@ def add_decayed_weights(weight_decay=0.0) -> GradientTransformation:
     def init(params):
         return WeightDecayState(_value(weight_decay, params))
 
-    def update(grads, state, params):
+    def update(grads, state, params, *, inplace=False):
         g, spec = optree.tree_flatten(grads)
         p = optree.tree_leaves(params)
         return optree.tree_unflatten(spec, foreach("add_", foreach("mul", p, _as(state.weight_decay, p)), g)), state
@@ -185,7 +204,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     def init(params):
         return ClipState(_value(max_norm, params))
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, *, inplace=False):
         g, spec = optree.tree_flatten(grads)
         scale = (state.max_norm / (global_norm(g) + 1e-6)).clamp(max=1.0)
         return optree.tree_unflatten(spec, foreach("mul", g, _as(scale, g))), state
@@ -211,7 +230,7 @@ def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_d
         decay = () if weight_decay is None else _value(weight_decay, params)
         return ScaleByLearningRateState(_count(params), _value(lr, params), decay)
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, *, inplace=False):
         g, spec = optree.tree_flatten(grads)
         lr_t = state.lr if schedule is None else _once(schedule(state.count, state.lr))
         if weight_decay is not None:
@@ -239,10 +258,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, *, inplace=False):
         new_state = []
         for t, s in zip(transforms, state):
-            grads, s = t.update(grads, s, params)
+            grads, s = run_update(t, grads, s, params, inplace=inplace)
             new_state.append(s)
         return grads, tuple(new_state)
 
@@ -274,11 +293,11 @@ def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=Fals
 # ------------------------------------------------------------------------------------ utilities
 
 
-def apply_updates(params: Tree, updates: Tree) -> Tree:
-    """params + updates, in each parameter's dtype."""
+def apply_updates(params: Tree, updates: Tree, inplace: bool = False) -> Tree:
+    """params + updates, in each parameter's dtype (written into params with inplace)."""
     p, spec = optree.tree_flatten(params)
     u = [u if u.dtype == x.dtype else u.to(x.dtype) for u, x in zip(optree.tree_leaves(updates), p, strict=True)]
-    return optree.tree_unflatten(spec, foreach("add", p, u))
+    return optree.tree_unflatten(spec, foreach(_own("add", inplace), p, u))
 
 
 @torch.no_grad()

@@ -307,9 +307,10 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
             distributed.broadcast_((state.params, state.ema))  # every rank starts from rank 0's parameters
             all_reduce = distributed.all_reduce_sum_
         loss_fn = loss_fn or loss_from_config(rc.criterion, rc.label_smoothing)
+        # The loop never looks back at an old state, so each step may overwrite it: one copy of the trees.
         step = make_train_step(config.model, su.optimizer, loss_fn, reduction=rc.reduction,
                                autocast_dtype=su.autocast_dtype, dropout_rate=rc.dropout, log_gns=rc.log_gns,
-                               compile=rc.compile, device=device, all_reduce=all_reduce, rank=rank)
+                               inplace=True, compile=rc.compile, device=device, all_reduce=all_reduce, rank=rank)
         evaluate = su.evaluator(loss_fn)
         if rank == 0:
             on_event({"kind": "start", "path": path, "resumed": progress is not None, "changes": applied,

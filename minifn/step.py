@@ -105,18 +105,23 @@ def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: 
     """Normalise summed gradients (per target token for 'mean'), take one optimizer step, and update the
     moving average if the state keeps one. With small (summed noise.small_batch_sums), metrics gain the
     noise-scale estimates gns_g2 = |G|^2 and gns_trace = tr(Sigma), per target token. donate_grads lets the
-    normalisation overwrite grads (train_step passes gradients it made itself; saves a model-sized copy)."""
+    normalisation overwrite grads (train_step passes gradients it made itself; saves a model-sized copy).
+
+    inplace: eagerly, the optimizer, parameters and EMA update their own tensors (the old state is donated);
+    compiled, the step computes a new state and copies it into the old one, which inductor fuses into
+    in-place writes. Either way the values equal the pure step's, bit for bit."""
     count = tokens.clamp(min=1)
     if reduction == "mean":
         leaves, spec = optree.tree_flatten(grads)
         scale = [count.to(g.dtype) for g in leaves]
         grads = optree.tree_unflatten(spec, optim.foreach("div_" if donate_grads else "div", leaves, scale))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optim.apply_updates(state.params, updates)
+    donated = inplace and not torch.compiler.is_compiling()
+    updates, opt_state = optim.run_update(optimizer, grads, state.opt_state, state.params, inplace=donated)
+    params = optim.apply_updates(state.params, updates, inplace=donated)
     step, ema, has_ema = state.step + 1, state.ema, bool(optree.tree_leaves(state.ema))
     if has_ema:
-        ema = moving_average.update(ema, params, state.ema_decay, step, ema_debias)
-    if inplace:
+        ema = moving_average.update(ema, params, state.ema_decay, step, ema_debias, inplace=donated)
+    if inplace and not donated:
         params = optim.assign_(state.params, params)
         opt_state = optim.assign_(state.opt_state, opt_state)
         ema = optim.assign_(state.ema, ema) if has_ema else ema
@@ -139,8 +144,9 @@ def train_step(state: TrainState, batch: Batch, *, config: ModelConfig, optimize
     """One optimizer step. Metrics: loss (mean per target token), grad_norm, tokens (targets counted), and
     with log_gns (batch [A, B, T], A >= 2) gns_g2 and gns_trace (see minifn.noise).
 
-    inplace=True writes the new parameters and optimizer state into the input tensors (the same
-    values, bit for bit) so a compiled step keeps one copy of each tree. A state with an EMA
+    inplace=True donates the input state: the new parameters, optimizer state and EMA are written into its
+    tensors (the same values, bit for bit), so the step keeps one copy of each tree, eager or compiled;
+    the caller must not use the old state afterwards. A state with an EMA
     (init_state(..., ema=decay)) also updates it, per minifn.ema with ema_debias."""
     key = step_key(state) if isinstance(dropout_rate, Tensor) or dropout_rate else None
     grads, loss_sum, tokens, small = loss_and_grads(state.params, batch, key, config=config, loss_fn=loss_fn,

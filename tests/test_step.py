@@ -83,6 +83,55 @@ def test_eager_matches_module_and_torch_adamw():
     assert rel(state.params, params) > 1e-3  # training moved the parameters
 
 
+DONATING = {
+    "adamw": ADAMW,
+    "adam-amsgrad-l2": optim.adam(lr=1e-2, amsgrad=True, weight_decay=0.1),
+    "sgd-nesterov": optim.sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "clip-adamw": optim.chain(optim.clip_by_global_norm(0.5),
+                              optim.adamw(lr=1e-2, schedule=lambda s, lr: lr / (1 + s))),
+}
+
+
+def buffers(state):
+    """The tensors of a state that hold more than one number (0-D counters and values are always new)."""
+    return [x for x in optree.tree_leaves(state) if x.ndim]
+
+
+def assert_donated_equals_pure(step_pure, step_donated, tx, steps=4, exact=True):
+    """step_donated keeps the state's storage and gives step_pure's values: bit for bit where both run the
+    same kernels (exact), else within compiled-against-eager noise."""
+    params = init_params(CONFIG, seed=int(torch.randint(0, 1000, ())))
+    pure = init_state(params, tx, seed=3, ema=0.9)
+    donated = init_state(optree.tree_map(torch.clone, params), tx, seed=3, ema=0.9)
+    storage = [x.data_ptr() for x in buffers(donated)]
+    tokens = random_tokens()
+    for batch in list(batches(tokens, 16, 8, 4))[:steps]:
+        pure, m_pure = step_pure(pure, batch)
+        donated, m_donated = step_donated(donated, batch)
+        tol = 0 if exact else 1e-5
+        torch.testing.assert_close(m_donated["loss"], m_pure["loss"], rtol=tol, atol=0)
+    assert [x.data_ptr() for x in buffers(donated)] == storage  # one copy of each tree, written in place
+    if exact:
+        pairs = zip(optree.tree_leaves(pure), optree.tree_leaves(donated), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+    else:
+        assert rel(donated, pure) < 1e-5
+    assert rel(pure.params, params) > 1e-3
+
+
+@pytest.mark.parametrize("name", DONATING)
+def test_eager_donated_state_is_updated_in_place_with_the_pure_steps_values(name):
+    tx = DONATING[name]
+    assert_donated_equals_pure(make_train_step(CONFIG, tx, compile="off", dropout_rate=0.1),
+                               make_train_step(CONFIG, tx, compile="off", dropout_rate=0.1, inplace=True), tx)
+
+
+@pytest.mark.slow
+def test_compiled_donated_state_is_updated_in_place_with_the_pure_steps_values():
+    eager = make_train_step(CONFIG, ADAMW, compile="off")
+    assert_donated_equals_pure(eager, make_train_step(CONFIG, ADAMW, compile="on", inplace=True), ADAMW, exact=False)
+
+
 def test_accumulated_micro_batches_equal_one_big_batch():
     sgd = optim.sgd(lr=0.1)
     state = init_state(init_params(CONFIG, 0), sgd)

@@ -62,9 +62,19 @@ def flatten(tree: Any, prefix: str) -> dict[str, Tensor]:
     return {".".join([prefix, *map(_entry_name, a)]): leaf for a, leaf in zip(accessors, leaves)}
 
 
+def _added_hyperparameters(template: Any, tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The template's values for 0-D hyperparameters a checkpoint lacks (saved before the optimizer kept
+    them, e.g. the warm-up length): the run's config sets every hyperparameter on resume anyway."""
+    from minifn.optim import HYPERPARAMETERS
+
+    return {name: leaf for name, leaf in flatten(template, prefix).items()
+            if name not in tensors and leaf.ndim == 0 and name.rsplit(".", 1)[-1] in HYPERPARAMETERS}
+
+
 def unflatten(template: Any, tensors: dict[str, Tensor], prefix: str) -> Any:
     """A tree shaped like template whose leaves come from tensors (names as flatten writes them)."""
     names = list(flatten(template, prefix))
+    tensors = {**_added_hyperparameters(template, tensors, prefix), **tensors}
     missing = [n for n in names if n not in tensors]
     extra = sorted(k for k in tensors if k.startswith(prefix + ".") and k not in set(names))
     if missing or extra:

@@ -216,23 +216,40 @@ class ScaleByLearningRateState(NamedTuple):
     count: Tensor
     lr: Tensor
     weight_decay: Tensor | tuple  # () without decoupled decay
+    warmup_steps: Tensor | tuple = ()  # 0-D int64 length of the linear warm-up, or () when built without one
 
 
-def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_decay: float | None = None):
+def _scheduled_lr(state: ScaleByLearningRateState, schedule: Schedule | None) -> Tensor:
+    """The learning rate of step state.count: the schedule's, after a linear warm-up if the state has one.
+    The warm-up ramps from lr / W to lr over the first W steps, then the schedule starts from its step 0
+    (schedules.warmup's shape, with W as data so that a sweep can vary it and a resume can change it)."""
+    schedule = schedule or (lambda step, lr: lr)
+    if isinstance(state.warmup_steps, tuple):
+        return schedule(state.count, state.lr)
+    warmup = state.warmup_steps
+    ramp = state.lr * (state.count + 1).to(state.lr.dtype) / warmup.clamp(min=1).to(state.lr.dtype)
+    return torch.where(state.count < warmup, ramp, schedule((state.count - warmup).clamp(min=0), state.lr))
+
+
+def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_decay: float | None = None,
+                           warmup_steps: int | None = None):
     """Multiply by -lr_t, where lr_t = schedule(step, lr) (or lr itself without a schedule).
 
     A weight_decay (0 included, so that it can be set later) adds AdamW's decoupled decay, which shrinks
     params by the factor (1 - lr_t * wd) rounded to the parameter dtype, exactly as torch.optim.AdamW does.
     Written as p * c - p (exact by Sterbenz' lemma) it stays an additive update; decay + lr as two separate
-    steps drifts from torch."""
+    steps drifts from torch. A warmup_steps (0 included) puts a linear warm-up before the schedule, its
+    length kept in the state like any hyperparameter."""
 
     def init(params):
         decay = () if weight_decay is None else _value(weight_decay, params)
-        return ScaleByLearningRateState(_count(params), _value(lr, params), decay)
+        warmup = () if warmup_steps is None else _count(params) + int(warmup_steps)
+        return ScaleByLearningRateState(_count(params), _value(lr, params), decay, warmup)
 
     def update(grads, state, params=None, *, inplace=False):
         g, spec = optree.tree_flatten(grads)
-        lr_t = state.lr if schedule is None else _once(schedule(state.count, state.lr))
+        scheduled = schedule is not None or not isinstance(state.warmup_steps, tuple)
+        lr_t = _once(_scheduled_lr(state, schedule)) if scheduled else state.lr
         if weight_decay is not None:
             p = optree.tree_leaves(params)
             decay = foreach("sub_", foreach("mul", p, _as(1 - lr_t * state.weight_decay, p)), p)
@@ -248,7 +265,7 @@ def current_lr(state: Tree, schedule: Schedule | None = None) -> Tensor:
     """The learning rate the next update will use, read from a chain's state (for logging)."""
     for s in _states(state):
         if isinstance(s, ScaleByLearningRateState):
-            return s.lr if schedule is None else schedule(s.count, s.lr)
+            return _scheduled_lr(s, schedule)
     raise ValueError("this optimizer state has no learning rate")
 
 
@@ -273,21 +290,23 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 # The aliases carry every hyperparameter they take, weight decay included at 0, so set_hyperparams can set
 # any of them later (a resumed run with a new --weight-decay). SGD's momentum buffer is the exception: it
-# exists only with momentum > 0.
+# exists only with momentum > 0, and so is the warm-up, which exists only when warmup_steps is given (0
+# included): a schedule closure cannot be swept or changed, a warm-up length in the state can.
 
 
-def sgd(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, schedule=None):
+def sgd(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, schedule=None, warmup_steps=None):
     momentum_part = [trace(momentum, dampening, nesterov)] if momentum else []
-    return chain(add_decayed_weights(weight_decay), *momentum_part, scale_by_learning_rate(lr, schedule))
+    return chain(add_decayed_weights(weight_decay), *momentum_part,
+                 scale_by_learning_rate(lr, schedule, warmup_steps=warmup_steps))
 
 
-def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, schedule=None):
+def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, schedule=None, warmup_steps=None):
     return chain(add_decayed_weights(weight_decay), scale_by_adam(*betas, eps, amsgrad),
-                 scale_by_learning_rate(lr, schedule))
+                 scale_by_learning_rate(lr, schedule, warmup_steps=warmup_steps))
 
 
-def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, schedule=None):
-    return chain(scale_by_adam(*betas, eps, amsgrad), scale_by_learning_rate(lr, schedule, weight_decay))
+def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, schedule=None, warmup_steps=None):
+    return chain(scale_by_adam(*betas, eps, amsgrad), scale_by_learning_rate(lr, schedule, weight_decay, warmup_steps))
 
 
 # ------------------------------------------------------------------------------------ utilities
@@ -316,7 +335,7 @@ def _states(state: Tree):
             yield from _states(s)
 
 
-HYPERPARAMETERS = ("lr", "b1", "b2", "eps", "weight_decay", "momentum", "dampening", "max_norm")
+HYPERPARAMETERS = ("lr", "b1", "b2", "eps", "weight_decay", "momentum", "dampening", "max_norm", "warmup_steps")
 
 
 def set_hyperparams(state: Tree, **values: float) -> Tree:

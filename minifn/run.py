@@ -54,23 +54,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 def optimizer_from_config(oc: OptimConfig, steps_per_epoch: int, total_steps: int):
     """(optimizer, schedule) for an OptimConfig; scheduler lengths in epochs become steps, and default to
-    the whole run. Clipping is always in the chain (off is an infinite threshold), so it can change on resume."""
+    the whole run. Clipping and the warm-up are always in the state (off is an infinite threshold and 0 steps),
+    so a resume can change them and a sweep can vary them."""
     epochs = lambda n, default: default if n is None else n * steps_per_epoch  # noqa: E731
     schedule = schedules.make(oc.scheduler, step_size=max(1, epochs(oc.step_size, total_steps // 3)), gamma=oc.gamma,
                               t_max=max(1, epochs(oc.t_max, total_steps)), eta_min=oc.eta_min,
                               start_factor=oc.start_factor, end_factor=oc.end_factor,
-                              total_iters=max(1, epochs(oc.total_iters, total_steps)), warmup_steps=oc.warmup_steps)
+                              total_iters=max(1, epochs(oc.total_iters, total_steps)))
     if oc.optimizer == "sgd":
-        tx = optim.sgd(oc.lr, oc.momentum, oc.dampening, oc.weight_decay, oc.nesterov, schedule)
+        tx = optim.sgd(oc.lr, oc.momentum, oc.dampening, oc.weight_decay, oc.nesterov, schedule, oc.warmup_steps)
     else:
         make = optim.adam if oc.optimizer == "adam" else optim.adamw
-        tx = make(oc.lr, (oc.beta1, oc.beta2), oc.eps, oc.weight_decay, oc.amsgrad, schedule)
+        tx = make(oc.lr, (oc.beta1, oc.beta2), oc.eps, oc.weight_decay, oc.amsgrad, schedule, oc.warmup_steps)
     return optim.chain(optim.clip_by_global_norm(oc.clip_grad or float("inf")), tx), schedule
 
 
 def hyperparams_of(oc: OptimConfig) -> dict[str, float]:
     """The values an OptimConfig sets in the optimizer state (what a resumed run applies)."""
-    values = {"lr": oc.lr, "weight_decay": oc.weight_decay, "max_norm": oc.clip_grad or float("inf")}
+    values = {"lr": oc.lr, "weight_decay": oc.weight_decay, "max_norm": oc.clip_grad or float("inf"),
+              "warmup_steps": oc.warmup_steps}
     if oc.optimizer == "sgd":
         return {**values, **({"momentum": oc.momentum, "dampening": oc.dampening} if oc.momentum else {})}
     return {**values, "b1": oc.beta1, "b2": oc.beta2, "eps": oc.eps}

@@ -27,7 +27,8 @@ from minifn.sweep import make_sweep_step
 from minifn.trees import stack_trees, unstack_trees
 
 # What a sweep may vary: settings that live in each member's state, or (dropout) are passed per member.
-SWEEPABLE = ("lr", "weight_decay", "beta1", "beta2", "eps", "clip_grad", "momentum", "dampening", "dropout", "seed")
+SWEEPABLE = ("lr", "weight_decay", "beta1", "beta2", "eps", "clip_grad", "warmup_steps", "momentum", "dampening",
+             "dropout", "seed")
 
 
 def grid(values: dict[str, list]) -> list[dict]:

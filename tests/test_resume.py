@@ -145,3 +145,19 @@ def test_fewer_epochs_than_trained_is_nothing_to_do(saved, tmp_path):
     result, copy = resume(saved, tmp_path, epochs=1)
     assert result.exit_code == 1 and "already trained 2 epoch(s)" in result.output
     assert "Training complete" not in result.output
+
+
+def test_a_checkpoint_saved_before_the_warmup_was_state_resumes_as_before(saved, tmp_path):
+    """Checkpoints written before the warm-up length moved into the optimizer state lack that tensor; the
+    run's config supplies it, and the resumed run is the one the full checkpoint gives."""
+    _, full = resume(saved, tmp_path, name="full")
+    story, ckpt = saved
+    tensors, meta = checkpoint.load(ckpt)
+    dropped = [k for k in tensors if k.endswith(".warmup_steps")]
+    assert len(dropped) == 1
+    old = tmp_path / "old.pt"
+    checkpoint.save(old, {k: v for k, v in tensors.items() if k not in dropped}, meta)
+    shutil.copy(checkpoint.metrics_path(ckpt), checkpoint.metrics_path(old))
+    result = invoke("train", "--dataset", story, "--model", old, *TINY_FLAGS, "--num-epochs", 3, *SETTINGS)
+    assert result.exit_code == 0, result.output
+    assert all(torch.equal(a, b) for a, b in zip(params(full).values(), params(old).values()))

@@ -51,3 +51,26 @@ def test_make_by_name_and_rejects_unknown():
                                ours(schedules.step_decay(5, 0.5), 20))
     with pytest.raises(ValueError, match="choose one of: none, step, cosine, linear"):
         schedules.make("exponential")
+
+
+@pytest.mark.parametrize("name", ["none", "cosine", "step"])
+def test_warmup_kept_in_the_optimizer_state_equals_the_warmup_schedule(name):
+    """The warm-up length as data (sweepable, changeable on resume) gives schedules.warmup's values exactly,
+    and a new length set in the state changes the learning rates the next steps use."""
+    from minifn import optim
+
+    sched = schedules.make(name, step_size=20, t_max=60)
+    params = {"w": torch.zeros(3)}
+    state = optim.adamw(lr=BASE_LR, schedule=sched, warmup_steps=0).init(params)
+
+    def lrs(state, steps=80):
+        out = []
+        for _ in range(steps):
+            out.append(optim.current_lr(state, sched))
+            _, state = optim.adamw(lr=BASE_LR, schedule=sched, warmup_steps=0).update(params, state, params)
+        return torch.stack(out)
+
+    assert torch.equal(lrs(state), ours(sched, 80))
+    for w in (1, 10):
+        changed = optim.set_hyperparams(state, warmup_steps=w)
+        assert torch.equal(lrs(changed), ours(schedules.warmup(sched, w), 80))

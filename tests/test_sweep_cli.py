@@ -44,6 +44,23 @@ def test_each_member_equals_its_run_alone_and_diverged_ones_freeze(story, tmp_pa
     assert plotted.exit_code == 0 and (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_warmup_length_is_swept_like_any_hyperparameter(story, tmp_path):
+    out = tmp_path / "sweep"
+    result = invoke("sweep", "--dataset", story, "--output", out, *FLAGS, "--num-epochs", 2, "--lr", "1e-2",
+                    "--warmup-steps", "0,4")
+    assert result.exit_code == 0, result.output
+    members = {}
+    for warmup in ("0", "4"):
+        alone = tmp_path / f"alone{warmup}.pt"
+        assert invoke("train", "--dataset", story, "--model", alone, *FLAGS, "--num-epochs", 2, "--lr", "1e-2",
+                      "--warmup-steps", warmup).exit_code == 0
+        members[warmup] = params(out / f"warmup_steps={warmup}.pt")
+        a = params(alone)
+        for k in a:
+            torch.testing.assert_close(members[warmup][k], a[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(members["0"][k], members["4"][k], rtol=1e-3) for k in members["0"])
+
+
 def test_a_resumed_sweep_equals_an_uninterrupted_one(story, tmp_path):
     sweep = ["--lr", "1e-3,3e-3", "--dropout", "0,0.1"]
     assert invoke("sweep", "--dataset", story, "--output", tmp_path / "whole", *FLAGS, "--num-epochs", 3,

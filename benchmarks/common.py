@@ -31,8 +31,9 @@ VARIANTS = {
     "a": "eager nn.Module + torch.optim.AdamW",
     "a_fused": "eager nn.Module + AdamW(fused=True)",
     "b": "torch.compile(module) + AdamW",
-    "c": "minifn train_step, eager",
-    "d": "minifn train_step, compiled",
+    "c_pure": "minifn train_step, eager, pure (a new state each step)",
+    "c": "minifn train_step, eager, state donated (inplace=True, as minifn train runs)",
+    "d": "minifn train_step, compiled, state donated",
 }
 
 
@@ -72,7 +73,7 @@ def build(variant: str, config: ModelConfig, batch_size: int):
 
         return step
     tx = optim.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
-    train_step = make_train_step(config, tx, compile="on" if variant == "d" else "off", inplace=True,
+    train_step = make_train_step(config, tx, compile="on" if variant == "d" else "off", inplace=variant != "c_pure",
                                  device=device)
     holder = [init_state(params, tx)]
 

@@ -4,7 +4,8 @@
     python benchmarks/optim_eager.py --configs seed --rounds 5 --threads 1
 
 torch.optim.AdamW updates in place; minifn returns new trees (inputs untouched), so it must allocate
-the new parameters and moments. Times are medians of variants stepped round-robin in one process;
+the new parameters and moments, unless the caller donates its state (inplace=True, as minifn train
+does). Times are medians of variants stepped round-robin in one process;
 'new tensors' is the peak memory of tensors created during one step that did not exist before it,
 in units of the parameter tree (CPU: counted at dispatch; CUDA: the allocator's peak).
 """
@@ -63,12 +64,13 @@ def build(variant: str, params: dict, grads: dict):
         opt = torch.optim.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True if "foreach" in variant else None)
         return opt.step, lambda: ps + list(grads.values()) + optree.tree_leaves(opt.state_dict()["state"])
     tx = optim.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
-    holder = [dict(params), tx.init(params)]
+    donated = variant == "minifn_donated"
+    holder = [{k: v.clone() for k, v in params.items()}, tx.init(params)]
 
     def step():
         p, s = holder
-        updates, s = tx.update(grads, s, p)
-        holder[:] = [optim.apply_updates(p, updates), s]
+        updates, s = tx.update(grads, s, p, inplace=donated)
+        holder[:] = [optim.apply_updates(p, updates, inplace=donated), s]
 
     return step, lambda: optree.tree_leaves(holder) + list(grads.values())
 
@@ -79,7 +81,8 @@ def measure(config_name: str, rounds: int) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     grads = {k: torch.randn(v.shape, generator=g, device=device) * 1e-3 for k, v in params.items()}
     variants = {"torch.optim.AdamW (default)": "torch", "torch.optim.AdamW(foreach=True)": "torch_foreach",
-                "minifn adamw: update + apply_updates": "minifn"}
+                "minifn adamw: update + apply_updates": "minifn",
+                "minifn adamw, state donated: update + apply_updates, inplace=True": "minifn_donated"}
     steps = {label: build(v, params, grads) for label, v in variants.items()}
     model_bytes = sum(p.numel() * p.element_size() for p in params.values())
     result = {"params_m": sum(p.numel() for p in params.values()) / 1e6, "variants": {v: {} for v in variants}}

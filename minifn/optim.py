@@ -106,6 +106,11 @@ def _lerp(start: list[Tensor], end: list[Tensor], weight: list[Tensor], inplace:
     return foreach(_own("lerp", inplace), start, end, weight)
 
 
+def _wrapped(*lists: list[Tensor]) -> bool:
+    """Whether any list holds functorch-wrapped tensors (under vmap or grad), where out= cannot be used."""
+    return any(is_functorch_wrapped_tensor(x) for xs in lists for x in xs[:1])
+
+
 # ---------------------------------------------------------------------------------------- blocks
 
 
@@ -133,11 +138,16 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, amsgrad=False) -> GradientTransfor
         bias1 = 1 - state.b1**count
         scale, floor = _once(bias1 / (1 - state.b2**count).sqrt()), _once(bias1 * state.eps)
         mu = _lerp(optree.tree_leaves(state.mu), g, _as(1 - state.b1, g), inplace)
+        scaled = foreach("mul", g, _as(1 - state.b2, g))
         nu = foreach("addcmul_", foreach(_own("mul", inplace), optree.tree_leaves(state.nu), _as(state.b2, g)), g,
-                     foreach("mul", g, _as(1 - state.b2, g)))  # v * b2 + g * (g * (1 - b2)), as torch.optim
+                     scaled)  # v * b2 + g * (g * (1 - b2)), as torch.optim
         nu_max = foreach(_own("maximum", inplace), optree.tree_leaves(state.nu_max), nu) if amsgrad else nu
-        # mu_hat / (sqrt(nu_hat) + eps) = mu / (sqrt(nu) * scale + floor), written into one new list
-        d = foreach("add_", foreach("mul_", foreach("sqrt", nu_max), _as(scale, g)), _as(floor, g))
+        # mu_hat / (sqrt(nu_hat) + eps) = mu / (sqrt(nu) * scale + floor); with inplace, eagerly, written
+        # into the scaled gradients' buffers (one model-sized allocation fewer per step, torch has no
+        # _foreach op with out=)
+        reuse = inplace and not torch.compiler.is_compiling() and not _wrapped(nu_max, scaled)
+        root = [torch.sqrt(x, out=y) for x, y in zip(nu_max, scaled)] if reuse else foreach("sqrt", nu_max)
+        d = foreach("add_", foreach("mul_", root, _as(scale, g)), _as(floor, g))
         d = foreach("mul_", foreach("reciprocal_", d), mu)
         new = functools.partial(optree.tree_unflatten, spec)
         return new(d), state._replace(count=count, mu=new(mu), nu=new(nu), nu_max=new(nu_max) if amsgrad else ())

@@ -71,6 +71,32 @@ def _summed_loss(params, inputs, targets, config, loss_fn, autocast_dtype, dropo
     return total, total.detach()
 
 
+def _grad_and_value(fn: Callable) -> Callable:
+    """torch.func.grad_and_value(fn, has_aux=True) over the first argument, a tree of tensors.
+
+    functorch always differentiates with create_graph=True (so that a transform can sit on top), which
+    keeps every forward activation alive until the backward pass ends: twice the peak memory of
+    `loss.backward()` at the bench shape. At the outermost level of an eager call (no transform around
+    it, nothing asking for a second derivative, not being compiled) no one can use that graph, so this
+    runs the same forward and backward through torch.autograd.grad, which frees each activation as the
+    backward consumes it. The gradients are the same tensors computed by the same kernels (tested bit
+    for bit). Compiled, AOTAutograd traces the functorch call and plans memory itself."""
+    transformed = torch.func.grad_and_value(fn, has_aux=True)
+
+    def run(params, *args):
+        leaves, spec = optree.tree_flatten(params)
+        if (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+                or any(x.requires_grad for x in leaves)):
+            return transformed(params, *args)
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_() for x in leaves]
+            loss, aux = fn(optree.tree_unflatten(spec, inputs), *args)
+            grads = torch.autograd.grad(loss, inputs)
+        return optree.tree_unflatten(spec, list(grads)), (loss.detach(), aux)
+
+    return run
+
+
 def loss_and_grads(params: Params, batch: Batch, key: Tensor | None = None, *, config: ModelConfig,
                    loss_fn: Loss = cross_entropy, autocast_dtype: torch.dtype | None = None,
                    dropout_rate: float | Tensor = 0.0, log_gns: bool = False):
@@ -83,7 +109,7 @@ def loss_and_grads(params: Params, batch: Batch, key: Tensor | None = None, *, c
     inputs, targets = batch
     if inputs.ndim == 2:
         inputs, targets = inputs[None], targets[None]
-    grad_fn = torch.func.grad_and_value(_summed_loss, has_aux=True)
+    grad_fn = _grad_and_value(_summed_loss)
     grads, loss_sum, small = None, 0.0, None
     for a, (x, y) in enumerate(zip(inputs.unbind(0), targets.unbind(0))):  # A is static: unrolled when compiled
         micro_key = None if key is None else fold_in(key, a)

@@ -21,10 +21,13 @@ STEPS = 5
 # other by about 8 relative, so 1e-4 still tells any two apart by five orders of magnitude.
 COMPILED_TOL = 1e-4
 # Eager, a member is differentiated by functorch inside vmap and its run alone by torch.autograd (see
-# step._grad_and_value): the same kernels, summed in another order, 1e-7 apart in the gradients. Adam's
-# first steps (about lr * sign(g)) turn that into whole-lr moves of near-zero gradients, up to 1.2e-5 per
-# leaf seen after 5 steps, so eager members get the compiled tolerance; members still differ by 1e-1 or more.
+# step._grad_and_value): the same kernels, summed in another order, 1e-7 apart in the gradients. With SGD
+# that stays at float level (eager members get the compiled tolerance). Adam's first steps (about
+# lr * sign(g)) turn it into whole-lr moves of near-zero gradients: up to 2e-4 relative on a tiny leaf
+# seen after 5 steps, so the Adam test compares the whole state as one vector: at most 4.4e-6 over 25
+# seeds here, so 3e-5 leaves room for other CPUs; members (different seeds) differ by order 1.
 EAGER_TOL = COMPILED_TOL
+ADAM_TOL = 3e-5
 # SGD is linear in the gradient, so compiled and eager agree to float noise (Adam's first steps, about
 # lr * sign(g), turn that noise into whole-lr jumps; see test_trees). Built with nonzero momentum and
 # weight decay so that each member can set its own, including 0.
@@ -58,12 +61,15 @@ def trained(state):
     return state.params, state.ema, state.step, state.rng, buffers
 
 
-def assert_same(member, solo, tol):
-    for a, b in zip(optree.tree_leaves(trained(member)), optree.tree_leaves(trained(solo)), strict=True):
-        if a.is_floating_point():
-            assert ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item() <= tol
-        else:
-            assert torch.equal(a, b)
+def assert_same(member, solo, tol, whole=False):
+    """Integer leaves equal, float leaves within tol relative (each leaf, or whole=True: all float leaves
+    as one vector, for Adam, whose tiny leaves' relative errors are heavy-tailed)."""
+    pairs = list(zip(optree.tree_leaves(trained(member)), optree.tree_leaves(trained(solo)), strict=True))
+    assert all(torch.equal(a, b) for a, b in pairs if not a.is_floating_point())
+    floats = [(a.double().flatten(), b.double().flatten()) for a, b in pairs if a.is_floating_point()]
+    groups = [(torch.cat([a for a, _ in floats]), torch.cat([b for _, b in floats]))] if whole else floats
+    for a, b in groups:
+        assert ((a - b).norm() / b.norm().clamp(min=1e-12)).item() <= tol
 
 
 def test_eager_members_equal_their_runs_alone_with_their_own_dropout_and_seed():
@@ -80,7 +86,7 @@ def test_eager_members_equal_their_runs_alone_with_their_own_dropout_and_seed():
     for k, member in enumerate(unstack_trees(states)):
         solo = alone(params[k], members[k], batches_, base=dict(lr=1e-3), make=optim.adamw, seed=seeds[k],
                      dropout=rates[k])[0][-1]
-        assert_same(member, solo, EAGER_TOL)
+        assert_same(member, solo, ADAM_TOL, whole=True)
         assert int(member.step) == STEPS
 
 
@@ -133,7 +139,7 @@ def diverging_lr(params, batches_):
 def test_a_diverging_member_is_frozen_and_the_others_go_on(compiled, lr, request):
     params = init_params(CONFIG, 0)
     batches_ = data(12)
-    lr = diverging_lr(params, batches_)[0] if lr is None else lr
+    lr = 10 * diverging_lr(params, batches_)[0] if lr is None else lr  # 10x: diverges early, not at the edge
     members = [SGD_MEMBERS[0], {"lr": lr, "weight_decay": 0.1}, SGD_MEMBERS[2]]
     states = sweep_states(params, optim.sgd(**SGD), members, ema=EMA)
     step = request.getfixturevalue("compiled_sweep") if compiled else make_sweep_step(CONFIG, optim.sgd(**SGD),

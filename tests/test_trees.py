@@ -23,9 +23,11 @@ def test_stack_and_unstack_are_inverse():
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-# Eager vmap does each member's arithmetic exactly, so AdamW must agree to float precision. Compiled,
-# inductor sums in another order; Adam's first steps are about lr * sign(g), so near-zero gradients whose
-# sign that noise flips move by a whole lr (heavy-tailed, up to 1e-4 per leaf seen). SGD is linear in the
+# A member alone is differentiated by torch.autograd (eager, outermost: see step._grad_and_value) and the
+# vmapped ensemble by functorch; compiled, inductor also sums in another order. Either way the gradients
+# differ at float level, and Adam's first steps are about lr * sign(g), so near-zero gradients whose sign
+# that noise flips move by a whole lr (heavy-tailed per leaf, up to 2e-4 seen on a tiny leaf). So eager
+# AdamW is compared over the whole state as one vector (within 3e-5, as in test_sweep). SGD is linear in the
 # gradient and keeps the noise at float level (2e-7 measured), so it is what makes the compiled check tight.
 @pytest.mark.parametrize("compiled,tx", [
     (False, optim.adamw(lr=1e-2, weight_decay=0.1)),
@@ -46,5 +48,9 @@ def test_vmapped_ensemble_equals_each_member_trained_alone(compiled, tx):
         members = [train_step(members[k], data[k][i], config=CONFIG, optimizer=tx)[0] for k in range(K)]
     assert metrics["loss"].shape == (K,)
     for alone, together in zip(members, unstack_trees(ensemble)):
-        for a, b in zip(optree.tree_leaves(alone), optree.tree_leaves(together)):
-            assert ((a.float() - b.float()).norm() / a.float().norm().clamp(min=1e-12)).item() < 1e-5
+        pairs = [(a.double().flatten(), b.double().flatten())
+                 for a, b in zip(optree.tree_leaves(alone), optree.tree_leaves(together), strict=True)]
+        if not compiled:  # AdamW: the whole state as one vector
+            pairs = [(torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs]))]
+        for a, b in pairs:
+            assert ((a - b).norm() / a.norm().clamp(min=1e-12)).item() < (1e-5 if compiled else 3e-5)

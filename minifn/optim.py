@@ -80,14 +80,21 @@ def _as(scalar: Tensor, leaves: list[Tensor]) -> list[Tensor]:
     return [cast[x.dtype] for x in leaves]
 
 
+def _wrapped(*lists: list[Tensor]) -> bool:
+    """Whether any list holds tensors of a torch.func transform (vmap, grad), for which there are no foreach
+    kernels and no out= arguments. Compiled, only vmap's remain (dynamo traces is_batchedtensor, not the
+    wider test)."""
+    wrapped = is_batchedtensor if torch.compiler.is_compiling() else is_functorch_wrapped_tensor
+    return any(wrapped(x) for xs in lists for x in xs)
+
+
 def foreach(op: str, *lists: list[Tensor]) -> list[Tensor]:
     """torch._foreach_<op>(*lists) over lists of leaves; use the result, as an in-place op may be out of
     place. Inside torch.func transforms (vmap has no batching rules for foreach ops, nor for addcmul_)
     the out-of-place op runs leaf by leaf; dynamo can trace is_batchedtensor but not the wider test."""
     if not lists[0]:
         return []
-    wrapped = is_batchedtensor if torch.compiler.is_compiling() else is_functorch_wrapped_tensor
-    if not any(wrapped(x) for xs in lists for x in xs):
+    if not _wrapped(*lists):
         out = getattr(torch, f"_foreach_{op}")(*lists)
         return lists[0] if op.endswith("_") else list(out)
     return [getattr(Tensor, op.rstrip("_"))(*xs) for xs in zip(*lists)]
@@ -104,11 +111,6 @@ def _lerp(start: list[Tensor], end: list[Tensor], weight: list[Tensor], inplace:
     if torch.compiler.is_compiling() and not inplace:
         return foreach("add_", foreach("mul_", foreach("sub", end, start), weight), start)
     return foreach(_own("lerp", inplace), start, end, weight)
-
-
-def _wrapped(*lists: list[Tensor]) -> bool:
-    """Whether any list holds functorch-wrapped tensors (under vmap or grad), where out= cannot be used."""
-    return any(is_functorch_wrapped_tensor(x) for xs in lists for x in xs[:1])
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -258,8 +260,8 @@ def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_d
 
     def update(grads, state, params=None, *, inplace=False):
         g, spec = optree.tree_flatten(grads)
-        scheduled = schedule is not None or not isinstance(state.warmup_steps, tuple)
-        lr_t = _once(_scheduled_lr(state, schedule)) if scheduled else state.lr
+        constant = schedule is None and isinstance(state.warmup_steps, tuple)
+        lr_t = state.lr if constant else _once(_scheduled_lr(state, schedule))
         if weight_decay is not None:
             p = optree.tree_leaves(params)
             decay = foreach("sub_", foreach("mul", p, _as(1 - lr_t * state.weight_decay, p)), p)

@@ -47,6 +47,13 @@ def invoke(*args, **kwargs):
     return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
 
 
+def story_file(directory: Path, chars: int) -> Path:
+    """directory/story.txt holding the first chars characters of the bundled story (a small dataset)."""
+    path = directory / "story.txt"
+    path.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:chars])
+    return path
+
+
 def shared_file(name: str) -> Path:
     """A file from ../shared/data, or skip the test cleanly when it is absent."""
     path = SHARED_DATA / name

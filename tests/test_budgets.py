@@ -5,15 +5,13 @@ import math
 
 import pytest
 
-from conftest import ROOT, TINY_FLAGS, invoke
+from conftest import TINY_FLAGS, invoke, story_file
 from minifn import checkpoint
 
 
 @pytest.fixture
 def story(tmp_path):
-    path = tmp_path / "story.txt"
-    path.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:1500])
-    return path
+    return story_file(tmp_path, 1500)
 
 
 def events(ckpt, kind):

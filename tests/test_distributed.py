@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY_FLAGS
+from conftest import ROOT, TINY_FLAGS, story_file
 from minifn import checkpoint
 from minifn.data import batches
 from minifn.model import init_params
@@ -50,8 +50,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
 
 @pytest.mark.slow
 def test_cli_with_two_processes_saves_once_resumes_and_checks_the_world_size(tmp_path):
-    story = tmp_path / "story.txt"
-    story.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:800])
+    story = story_file(tmp_path, 800)
     ckpt = tmp_path / "dp.pt"
     base = [sys.executable, "-m", "minifn", "train", "--dataset", story, "--model", ckpt, *TINY]
     first = subprocess.run([*map(str, base), "--nproc", "2", "--num-epochs", "2"], capture_output=True, text=True,
@@ -99,8 +98,7 @@ def test_killing_one_rank_makes_the_other_exit_with_a_clear_error(tmp_path):
 
 
 def launcher(tmp_path, *extra):
-    story = tmp_path / "story.txt"
-    story.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:800])
+    story = story_file(tmp_path, 800)
     return subprocess.Popen([sys.executable, "-m", "minifn", "train", "--dataset", str(story), "--model",
                              str(tmp_path / "l.pt"), *TINY, "--nproc", "2", *map(str, extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from conftest import ROOT, TINY_FLAGS, invoke, tiny_config
+from conftest import TINY_FLAGS, invoke, story_file, tiny_config
 from minifn import Config, checkpoint, ema, optim
 from minifn.data import batches
 from minifn.losses import IGNORE_INDEX
@@ -114,9 +114,7 @@ def test_checkpoint_saves_ema_and_loading_follows_the_template(tmp_path):
 
 @pytest.fixture
 def story(tmp_path):
-    path = tmp_path / "story.txt"
-    path.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:800])
-    return path
+    return story_file(tmp_path, 800)
 
 
 def test_cli_ema_evaluates_both_weights_resumes_and_serves_them(story, tmp_path):

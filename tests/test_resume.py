@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, TINY_FLAGS, invoke
+from conftest import TINY_FLAGS, invoke, story_file
 from minifn import checkpoint
 
 
@@ -15,8 +15,7 @@ from minifn import checkpoint
 def saved(tmp_path_factory):
     """A checkpoint after 2 of 3 epochs (scheduler none, so the lr is the flag's value)."""
     root = tmp_path_factory.mktemp("resume")
-    story = root / "story.txt"
-    story.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:600])
+    story = story_file(root, 600)
     ckpt = root / "base.pt"
     result = invoke("train", "--dataset", story, "--model", ckpt, *TINY_FLAGS, "--num-epochs", 2, *SETTINGS)
     assert result.exit_code == 0, result.output

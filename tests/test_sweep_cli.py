@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ROOT, TINY_FLAGS, invoke
+from conftest import TINY_FLAGS, invoke, story_file
 from minifn import checkpoint
 
 FLAGS = [*TINY_FLAGS, "--scheduler", "none", "--clip-grad", "0", "--val-fraction", "0.2"]
@@ -11,9 +11,7 @@ FLAGS = [*TINY_FLAGS, "--scheduler", "none", "--clip-grad", "0", "--val-fraction
 
 @pytest.fixture
 def story(tmp_path):
-    path = tmp_path / "story.txt"
-    path.write_text((ROOT / "data" / "lighthouse.txt").read_text()[:700])
-    return path
+    return story_file(tmp_path, 700)
 
 
 def relative(a, b):

@@ -12,6 +12,11 @@ to ten times an in-place pass (page faults), and each one alive is another copy 
 The one exception is asked for: `update(..., inplace=True)` lets a block overwrite its own state's
 buffers (the caller donates the old state, as `jax.jit(donate_argnums=...)` does), which an eager train
 step uses to keep one copy of the moments instead of two. The values are the same, bit for bit.
+
+A donating eager caller goes further with `step_inplace`: the `adam` and `adamw` aliases carry a
+`fused_step` that does the whole step in torch's fused Adam kernel (one pass over each leaf instead of a
+dozen), as `torch.optim.AdamW(fused=True)` does and with its values bit for bit; they equal the
+composed blocks' to rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import optree
 import torch
 from torch import Tensor
 from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 Tree = Any
 Schedule = Callable[[Tensor, Tensor], Tensor]  # (step, base_lr) -> lr, see minifn.schedules
@@ -32,6 +38,9 @@ Schedule = Callable[[Tensor, Tensor], Tensor]  # (step, base_lr) -> lr, see mini
 class GradientTransformation(NamedTuple):
     init: Callable[[Tree], Tree]
     update: Callable[..., tuple[Tree, Tree]]  # (grads, state, params, *, inplace=False) -> (updates, state)
+    # (grads, state, params) -> state: the same step in one fused kernel that writes params and the state's
+    # buffers in place (see step_inplace); None for a transform without one
+    fused_step: Callable[[Tree, Tree, Tree], Tree] | None = None
 
 
 def run_update(transform: GradientTransformation, grads: Tree, state: Tree, params: Tree = None, *,
@@ -41,6 +50,17 @@ def run_update(transform: GradientTransformation, grads: Tree, state: Tree, para
     if inplace:
         return transform.update(grads, state, params, inplace=True)
     return transform.update(grads, state, params)
+
+
+def step_inplace(transform: GradientTransformation, grads: Tree, state: Tree, params: Tree) -> Tree:
+    """One step that overwrites params and the state's buffers (both donated); returns the new state.
+    The transform's fused kernel runs where it has one and the leaves allow it (eager plain tensors on a
+    device with the kernel), else update(..., inplace=True) and apply_updates in place."""
+    if transform.fused_step is not None and _fusable(optree.tree_leaves(grads), optree.tree_leaves(params)):
+        return transform.fused_step(grads, state, params)
+    updates, state = run_update(transform, grads, state, params, inplace=True)
+    apply_updates(params, updates, inplace=True)
+    return state
 
 
 def _own(op: str, inplace: bool) -> str:
@@ -282,7 +302,8 @@ def current_lr(state: Tree, schedule: Schedule | None = None) -> Tensor:
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Apply transforms in order; the state is the tuple of their states."""
+    """Apply transforms in order; the state is the tuple of their states. The chain has a fused_step when
+    its last transform does (e.g. clipping before adamw): the others update, the last one fuses."""
 
     def init(params):
         return tuple(t.init(params) for t in transforms)
@@ -294,7 +315,12 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
         return grads, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    def fused_step(grads, state, params):
+        *head, last = transforms
+        grads, new_state = chain(*head).update(grads, state[:-1], params, inplace=True)
+        return (*new_state, last.fused_step(grads, state[-1], params))
+
+    return GradientTransformation(init, update, fused_step if transforms and transforms[-1].fused_step else None)
 
 
 # --------------------------------------------------------------------------------------- aliases
@@ -313,12 +339,47 @@ def sgd(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, 
 
 
 def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, schedule=None, warmup_steps=None):
-    return chain(add_decayed_weights(weight_decay), scale_by_adam(*betas, eps, amsgrad),
-                 scale_by_learning_rate(lr, schedule, warmup_steps=warmup_steps))
+    composed = chain(add_decayed_weights(weight_decay), scale_by_adam(*betas, eps, amsgrad),
+                     scale_by_learning_rate(lr, schedule, warmup_steps=warmup_steps))
+    return composed._replace(fused_step=_fused_adam(False, amsgrad, schedule))
 
 
 def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, schedule=None, warmup_steps=None):
-    return chain(scale_by_adam(*betas, eps, amsgrad), scale_by_learning_rate(lr, schedule, weight_decay, warmup_steps))
+    composed = chain(scale_by_adam(*betas, eps, amsgrad), scale_by_learning_rate(lr, schedule, weight_decay, warmup_steps))
+    return composed._replace(fused_step=_fused_adam(True, amsgrad, schedule))
+
+
+# --------------------------------------------------------------------------------- fused kernels
+
+
+def _fusable(grads: list[Tensor], params: list[Tensor]) -> bool:
+    """Whether torch's fused Adam kernels take these leaves: eager, plain tensors (not under torch.func, not
+    differentiated through), floating point, each gradient in its parameter's dtype, on one device that
+    has the kernels."""
+    return (bool(params) and not torch.compiler.is_compiling() and not _wrapped(grads, params)
+            and params[0].device.type in _get_fused_kernels_supported_devices()
+            and all(p.is_floating_point() and not p.requires_grad and g.dtype == p.dtype
+                    and p.device == g.device == params[0].device for p, g in zip(params, grads, strict=True)))
+
+
+def _fused_adam(decoupled: bool, amsgrad: bool, schedule: Schedule | None):
+    """fused_step for the adam (decoupled=False: chain(decay, moments, rate)) and adamw (chain(moments,
+    rate)) aliases: torch._fused_adam(w)_ with the state's moments and hyperparameters, as torch.optim
+    calls it (python-float hyperparameters, float32 step counts), so the values are torch's bit for bit."""
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+
+    def fused_step(grads, state, params):
+        *l2, moments, rate = state
+        decay = rate.weight_decay if decoupled else l2[0].weight_decay
+        count = moments.count + 1
+        p = optree.tree_leaves(params)
+        kernel(p, optree.tree_leaves(grads), optree.tree_leaves(moments.mu), optree.tree_leaves(moments.nu),
+               optree.tree_leaves(moments.nu_max), [count.to(torch.float32)] * len(p),
+               lr=float(_scheduled_lr(rate, schedule)), beta1=float(moments.b1), beta2=float(moments.b2),
+               weight_decay=float(decay), eps=float(moments.eps), amsgrad=amsgrad, maximize=False)
+        return (*l2, moments._replace(count=count), rate._replace(count=rate.count + 1))
+
+    return fused_step
 
 
 # ------------------------------------------------------------------------------------ utilities

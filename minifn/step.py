@@ -134,17 +134,21 @@ def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: 
     noise-scale estimates gns_g2 = |G|^2 and gns_trace = tr(Sigma), per target token. donate_grads lets the
     normalisation overwrite grads (train_step passes gradients it made itself; saves a model-sized copy).
 
-    inplace: eagerly, the optimizer, parameters and EMA update their own tensors (the old state is donated);
-    compiled, the step computes a new state and copies it into the old one, which inductor fuses into
-    in-place writes. Either way the values equal the pure step's, bit for bit."""
+    inplace: eagerly, the optimizer, parameters and EMA update their own tensors (the old state is donated,
+    see optim.step_inplace; Adam and AdamW run torch's fused kernel, whose values equal the pure step's to
+    rounding, any other optimizer's bit for bit); compiled, the step computes a new state and copies it into
+    the old one, which inductor fuses into in-place writes."""
     count = tokens.clamp(min=1)
     if reduction == "mean":
         leaves, spec = optree.tree_flatten(grads)
         scale = [count.to(g.dtype) for g in leaves]
         grads = optree.tree_unflatten(spec, optim.foreach("div_" if donate_grads else "div", leaves, scale))
     donated = inplace and not torch.compiler.is_compiling()
-    updates, opt_state = optim.run_update(optimizer, grads, state.opt_state, state.params, inplace=donated)
-    params = optim.apply_updates(state.params, updates, inplace=donated)
+    if donated:
+        params, opt_state = state.params, optim.step_inplace(optimizer, grads, state.opt_state, state.params)
+    else:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optim.apply_updates(state.params, updates)
     step, ema, has_ema = state.step + 1, state.ema, bool(optree.tree_leaves(state.ema))
     if has_ema:
         ema = moving_average.update(ema, params, state.ema_decay, step, ema_debias, inplace=donated)
@@ -172,7 +176,8 @@ def train_step(state: TrainState, batch: Batch, *, config: ModelConfig, optimize
     with log_gns (batch [A, B, T], A >= 2) gns_g2 and gns_trace (see minifn.noise).
 
     inplace=True donates the input state: the new parameters, optimizer state and EMA are written into its
-    tensors (the same values, bit for bit), so the step keeps one copy of each tree, eager or compiled;
+    tensors (the pure step's values, to rounding: see apply_gradients), so the step keeps one copy of each
+    tree, eager or compiled;
     the caller must not use the old state afterwards. A state with an EMA
     (init_state(..., ema=decay)) also updates it, per minifn.ema with ema_debias."""
     key = step_key(state) if isinstance(dropout_rate, Tensor) or dropout_rate else None
@@ -206,7 +211,8 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
       reduction: 'mean' divides the summed gradients by the number of target tokens, 'sum' does not.
       autocast_dtype: run the forward pass under autocast to this dtype (None: no autocast region at all).
       dropout_rate: dropout on the embedding and residual branches, keyed by the state's RNG key and step.
-      inplace: write the new state into the input tensors (one copy of the trees; the values are identical).
+      inplace: write the new state into the input tensors (one copy of the trees; eagerly, Adam and AdamW run
+        torch's fused kernel).
       ema_debias: how a state with an EMA (init_state(..., ema=decay)) averages: see minifn.ema.
       log_gns: add the gradient-noise-scale estimates gns_g2 and gns_trace to the metrics (minifn.noise);
         the micro-batches (on every rank) are the small batches, so it needs two or more in all.

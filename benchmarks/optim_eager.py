@@ -4,8 +4,9 @@
     python benchmarks/optim_eager.py --configs seed --rounds 5 --threads 1
 
 torch.optim.AdamW updates in place; minifn returns new trees (inputs untouched), so it must allocate
-the new parameters and moments, unless the caller donates its state (inplace=True, as minifn train
-does). Times are medians of variants stepped round-robin in one process;
+the new parameters and moments, unless the caller donates its state: then its blocks update their own
+buffers (update(..., inplace=True)), or, as minifn train runs, optim.step_inplace runs torch's fused
+AdamW kernel. Times are medians of variants stepped round-robin in one process;
 'new tensors' is the peak memory of tensors created during one step that did not exist before it,
 in units of the parameter tree (CPU: counted at dispatch; CUDA: the allocator's peak).
 """
@@ -61,7 +62,8 @@ def build(variant: str, params: dict, grads: dict):
         ps = [p.clone() for p in params.values()]
         for p, g in zip(ps, grads.values()):
             p.grad = g
-        opt = torch.optim.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True if "foreach" in variant else None)
+        fused = variant == "torch_fused"
+        opt = torch.optim.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY, foreach=None if fused else True, fused=fused)
         return opt.step, lambda: ps + list(grads.values()) + optree.tree_leaves(opt.state_dict()["state"])
     tx = optim.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
     donated = variant == "minifn_donated"
@@ -69,6 +71,9 @@ def build(variant: str, params: dict, grads: dict):
 
     def step():
         p, s = holder
+        if variant == "minifn_step_inplace":
+            holder[1] = optim.step_inplace(tx, grads, s, p)
+            return
         updates, s = tx.update(grads, s, p, inplace=donated)
         holder[:] = [optim.apply_updates(p, updates, inplace=donated), s]
 
@@ -80,9 +85,12 @@ def measure(config_name: str, rounds: int) -> dict:
     params = init_params(CONFIGS[config_name][0], seed=0, device=device)
     g = torch.Generator(device=device).manual_seed(0)
     grads = {k: torch.randn(v.shape, generator=g, device=device) * 1e-3 for k, v in params.items()}
-    variants = {"torch.optim.AdamW (default)": "torch", "torch.optim.AdamW(foreach=True)": "torch_foreach",
+    variants = {"torch.optim.AdamW (default: foreach)": "torch_foreach",
+                "torch.optim.AdamW(fused=True)": "torch_fused",
                 "minifn adamw: update + apply_updates": "minifn",
-                "minifn adamw, state donated: update + apply_updates, inplace=True": "minifn_donated"}
+                "minifn adamw, state donated: update + apply_updates, inplace=True": "minifn_donated",
+                "minifn adamw, state donated: optim.step_inplace (fused kernel, as minifn train)":
+                    "minifn_step_inplace"}
     steps = {label: build(v, params, grads) for label, v in variants.items()}
     model_bytes = sum(p.numel() * p.element_size() for p in params.values())
     result = {"params_m": sum(p.numel() for p in params.values()) / 1e6, "variants": {v: {} for v in variants}}

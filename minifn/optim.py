@@ -345,7 +345,8 @@ def adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
 
 
 def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, schedule=None, warmup_steps=None):
-    composed = chain(scale_by_adam(*betas, eps, amsgrad), scale_by_learning_rate(lr, schedule, weight_decay, warmup_steps))
+    composed = chain(scale_by_adam(*betas, eps, amsgrad),
+                     scale_by_learning_rate(lr, schedule, weight_decay, warmup_steps))
     return composed._replace(fused_step=_fused_adam(True, amsgrad, schedule))
 
 

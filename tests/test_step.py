@@ -7,17 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import tiny_config, unique_graphs
 from minifn import optim
 from minifn.checkpoint import load_state, make_header
-from minifn.config import Config
+from minifn.config import Config, OptimConfig
 from minifn.data import batches
 from minifn.loop import DataSpec, Interrupted, fit
 from minifn.losses import IGNORE_INDEX, cross_entropy
 from minifn.model import init_params
 from minifn.reference import ReferenceTransformer
 from minifn.rng import fold_in
+from minifn.run import optimizer_from_config
 from minifn.step import init_state, make_train_step, train_step
 
 CONFIG = tiny_config()
@@ -128,6 +130,33 @@ def test_eager_donated_state_is_updated_in_place_with_the_pure_steps_values(name
     assert_donated_equals_pure(make_train_step(CONFIG, tx, compile="off", dropout_rate=0.1),
                                make_train_step(CONFIG, tx, compile="off", dropout_rate=0.1, inplace=True), tx,
                                exact=not fused)
+
+
+class AtenCalls(TorchDispatchMode):
+    """The names of the aten ops dispatched under this mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer,fused", [("adamw", True), ("adam", True), ("sgd", False)])
+def test_minifn_trains_eager_steps_with_torchs_fused_kernel_when_the_state_is_donated(optimizer, fused):
+    """minifn train's optimizer (clipping, then the chosen one) takes the fused Adam kernel, eager and donated;
+    a pure step composes the blocks, and SGD has no fused kernel here."""
+    tx, _ = optimizer_from_config(OptimConfig(optimizer=optimizer), steps_per_epoch=4, total_steps=8)
+    batch = next(batches(random_tokens(), 16, 8, 4))
+    for inplace in (True, False):
+        step = make_train_step(CONFIG, tx, compile="off", inplace=inplace)
+        with AtenCalls() as calls:
+            step(init_state(init_params(CONFIG, 0), tx), batch)
+        assert (f"_fused_{optimizer}_" in calls.names) == (fused and inplace), inplace
+        applied_updates = bool(calls.names & {"_foreach_add", "_foreach_add_"})  # apply_updates: composed blocks
+        assert applied_updates != (fused and inplace), inplace  # one or the other, never both
 
 
 @pytest.mark.slow

@@ -96,38 +96,30 @@ def test_matches_torch_optim(problem, name, kwargs, cosine):
 @pytest.mark.parametrize("name,kwargs", [c for c in CASES if c[0] != "sgd"])
 def test_fused_step_is_torch_fused_bit_for_bit(problem, name, kwargs, cosine):
     """step_inplace runs adam(w)'s fused kernel: torch.optim's fused=True values exactly, in the state's own
-    buffers, and torch's default (foreach) values to the tolerance above. The fused reference takes our
-    schedule's lr (CosineAnnealingLR's recurrence differs from the closed form in the last bits, which a
-    float64 leaf shows); the foreach reference keeps CosineAnnealingLR."""
+    buffers. (torch's fused and foreach AdamW drift apart on these small problems, up to 6e-3 relative
+    after 100 steps in a scan of 60 seeds, so the fused kernel is the reference, not the tolerance above.)
+    The reference takes our schedule's lr: CosineAnnealingLR's recurrence differs from the closed form in
+    the last bits, which a float64 leaf shows."""
     seed = torch.seed() % 2**31
     params, loss_fn = problem(seed)
-    fused_ref = {k: v.clone().requires_grad_() for k, v in params.items()}
-    foreach_ref = {k: v.clone().requires_grad_() for k, v in params.items()}
-    torch_fused = TORCH[name](list(fused_ref.values()), **kwargs, fused=True)
-    torch_foreach = TORCH[name](list(foreach_ref.values()), **kwargs)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(torch_foreach, 60) if cosine else None
+    ref = {k: v.clone().requires_grad_() for k, v in params.items()}
+    torch_fused = TORCH[name](list(ref.values()), **kwargs, fused=True)
     schedule = schedules.cosine(60) if cosine else None
     tx = getattr(optim, name)(**kwargs, schedule=schedule)
     state = tx.init(params)
     storage = [t.data_ptr() for t in optree.tree_leaves((params, state)) if t.ndim]
     for _ in range(100):
-        for ref, opt in ((fused_ref, torch_fused), (foreach_ref, torch_foreach)):
-            opt.zero_grad()
-            loss_fn(ref).backward()
-        grads = {k: v.grad.clone() for k, v in fused_ref.items()}
+        torch_fused.zero_grad()
+        loss_fn(ref).backward()
+        grads = {k: v.grad.clone() for k, v in ref.items()}
         torch_fused.param_groups[0]["lr"] = float(optim.current_lr(state, schedule))
         state = optim.step_inplace(tx, grads, state, params)
-        torch_fused.step(), torch_foreach.step()
-        if scheduler:
-            scheduler.step()
+        torch_fused.step()
     assert [t.data_ptr() for t in optree.tree_leaves((params, state)) if t.ndim] == storage
     moments = state[-2]
-    torch_state = [torch_fused.state[p] for p in fused_ref.values()]
-    for k, mu, nu, s in zip(params, moments.mu.values(), moments.nu.values(), torch_state):
-        assert torch.equal(params[k], fused_ref[k].detach()), f"{name} {kwargs} {problem.__name__}({seed}) {k}"
-        assert torch.equal(mu, s["exp_avg"]) and torch.equal(nu, s["exp_avg_sq"])
-        error = ((params[k] - foreach_ref[k].detach()).norm() / foreach_ref[k].detach().norm()).item()
-        assert error < (1e-6 if params[k].numel() >= 16 else 1e-3), f"{k}: {error:.2e} from torch's foreach AdamW"
+    for k, mu, nu, p in zip(params, moments.mu.values(), moments.nu.values(), ref.values()):
+        assert torch.equal(params[k], p.detach()), f"{name} {kwargs} {problem.__name__}({seed}) {k}"
+        assert torch.equal(mu, torch_fused.state[p]["exp_avg"]) and torch.equal(nu, torch_fused.state[p]["exp_avg_sq"])
     assert int(moments.count) == 100 and not torch.equal(params["w1"], problem(seed)[0]["w1"])
 
 

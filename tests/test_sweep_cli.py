@@ -14,11 +14,14 @@ def story(tmp_path):
     return story_file(tmp_path, 700)
 
 
+TOL = 3e-5  # worst seen 2.7e-6 (see relative); members with other settings differ far more
+
+
 def relative(a, b):
     """|a - b| / |b| over a whole tensor. A run alone differentiates with torch.autograd (eager, outermost)
-    and a vmapped member with functorch, whose sums round differently: Adam turns that into a few larger
-    relative differences on rare tokens' tiny embedding rows (5e-4 on 1 of 512000 elements seen), while the
-    whole tensor stays within 1e-5. Members with different settings differ by far more."""
+    and steps with torch's fused AdamW kernel; a vmapped member differentiates with functorch and steps with
+    the composed blocks. Both round differently: Adam turns that into a few larger relative differences on
+    rare tokens' tiny embedding rows (5e-4 on 1 of 512000 elements seen), while whole tensors stay close."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
@@ -39,7 +42,7 @@ def test_each_member_equals_its_run_alone_and_diverged_ones_freeze(story, tmp_pa
                       "--weight-decay", wd).exit_code == 0
         member = out / f"lr={float(lr):g},weight_decay={float(wd):g}.pt"
         a, b = params(alone), params(member)
-        assert max(relative(b[k], a[k]) for k in a) < 1e-5
+        assert max(relative(b[k], a[k]) for k in a) < TOL
         assert checkpoint.load(member)[1]["config"]["optim"]["lr"] == float(lr)
     frozen = params(out / "lr=1e+30,weight_decay=0.pt")
     assert all(torch.isfinite(v).all() for v in frozen.values())
@@ -61,7 +64,7 @@ def test_the_warmup_length_is_swept_like_any_hyperparameter(story, tmp_path):
                       "--warmup-steps", warmup).exit_code == 0
         members[warmup] = params(out / f"warmup_steps={warmup}.pt")
         a = params(alone)
-        assert max(relative(members[warmup][k], a[k]) for k in a) < 1e-5
+        assert max(relative(members[warmup][k], a[k]) for k in a) < TOL
     assert any(not torch.allclose(members["0"][k], members["4"][k], rtol=1e-3) for k in members["0"])
 
 

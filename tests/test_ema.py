@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from conftest import TINY_FLAGS, invoke, story_file, tiny_config
+from conftest import relative_error as rel
 from minifn import Config, checkpoint, ema, optim
 from minifn.data import batches
 from minifn.losses import IGNORE_INDEX
@@ -18,11 +19,6 @@ from minifn.step import init_state, train_step
 
 CONFIG = tiny_config()
 DECAY = 0.9  # short memory, so 20 steps move the average far from both the start and the last step
-
-
-def rel(a: dict, b: dict) -> float:
-    diff = sum((a[k].double() - b[k].double()).square().sum() for k in b).sqrt()
-    return (diff / sum(v.double().square().sum() for v in b.values()).sqrt()).item()
 
 
 def test_matches_averaged_model_over_a_module_trained_with_torch_adamw():

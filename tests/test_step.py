@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import relative_error as rel
 from conftest import tiny_config, unique_graphs
 from minifn import optim
 from minifn.checkpoint import load_state, make_header
@@ -24,14 +25,6 @@ from minifn.step import init_state, make_train_step, train_step
 
 CONFIG = tiny_config()
 ADAMW = optim.adamw(lr=3e-3, weight_decay=0.1)
-
-
-def rel(a, b):
-    """Relative error of the whole tree as one vector: per-tensor maxima are dominated by tensors whose
-    tiny gradients Adam's normalisation turns into O(1) steps, where 1e-7 float noise grows past 1e-5."""
-    a, b = optree.tree_leaves(a), optree.tree_leaves(b)
-    diff = torch.sqrt(sum((x.double() - y.double()).square().sum() for x, y in zip(a, b)))
-    return (diff / torch.sqrt(sum(y.double().square().sum() for y in b))).item()
 
 
 def random_tokens(n=400):

@@ -13,10 +13,12 @@ The one exception is asked for: `update(..., inplace=True)` lets a block overwri
 buffers (the caller donates the old state, as `jax.jit(donate_argnums=...)` does), which an eager train
 step uses to keep one copy of the moments instead of two. The values are the same, bit for bit.
 
-A donating eager caller goes further with `step_inplace`: the `adam` and `adamw` aliases carry a
-`fused_step` that does the whole step in torch's fused Adam kernel (one pass over each leaf instead of a
-dozen), as `torch.optim.AdamW(fused=True)` does and with its values bit for bit; they equal the
-composed blocks' to rounding.
+A donating caller goes further with `step_inplace`: the `adam` and `adamw` aliases carry a `fused_step`
+that does the whole step in torch's fused Adam kernel (one pass over each leaf instead of a dozen), as
+`torch.optim.AdamW(fused=True)` does and with its values bit for bit; they equal the composed blocks' to
+rounding. The kernel is wrapped as a custom op, so a compiled step calls it too, rather than having
+inductor generate and build its own (a third of a cold compile). Clipping before it is folded into the
+kernel's gradient scale.
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ Schedule = Callable[[Tensor, Tensor], Tensor]  # (step, base_lr) -> lr, see mini
 class GradientTransformation(NamedTuple):
     init: Callable[[Tree], Tree]
     update: Callable[..., tuple[Tree, Tree]]  # (grads, state, params, *, inplace=False) -> (updates, state)
-    # (grads, state, params) -> state: the same step in one fused kernel that writes params and the state's
-    # buffers in place (see step_inplace); None for a transform without one
-    fused_step: Callable[[Tree, Tree, Tree], Tree] | None = None
+    # (grads, state, params, grad_scale=None) -> state: the same step (on grads / grad_scale) in one fused
+    # kernel that writes params and the state's buffers in place (see step_inplace); None if there is none
+    fused_step: Callable[..., Tree] | None = None
+    # (grads, state) -> 0-D factor, for a transform whose update multiplies every gradient by it (clipping):
+    # a chain before a fused step applies the factor inside the kernel instead of in a pass of its own
+    scale: Callable[[Tree, Tree], Tensor] | None = None
 
 
 def run_update(transform: GradientTransformation, grads: Tree, state: Tree, params: Tree = None, *,
@@ -52,11 +57,17 @@ def run_update(transform: GradientTransformation, grads: Tree, state: Tree, para
     return transform.update(grads, state, params)
 
 
+def fuses(transform: GradientTransformation, grads: Tree, params: Tree) -> bool:
+    """Whether step_inplace takes transform's fused kernel for these leaves: plain tensors (not under vmap or
+    grad, not differentiated through) on a device with the kernel; eager or compiled."""
+    return transform.fused_step is not None and _fusable(optree.tree_leaves(grads), optree.tree_leaves(params))
+
+
 def step_inplace(transform: GradientTransformation, grads: Tree, state: Tree, params: Tree) -> Tree:
     """One step that overwrites params and the state's buffers (both donated); returns the new state.
-    The transform's fused kernel runs where it has one and the leaves allow it (eager plain tensors on a
-    device with the kernel), else update(..., inplace=True) and apply_updates in place."""
-    if transform.fused_step is not None and _fusable(optree.tree_leaves(grads), optree.tree_leaves(params)):
+    The transform's fused kernel runs where it has one and the leaves allow it (see fuses), else
+    update(..., inplace=True) and apply_updates in place. The fused kernel may overwrite grads."""
+    if fuses(transform, grads, params):
         return transform.fused_step(grads, state, params)
     updates, state = run_update(transform, grads, state, params, inplace=True)
     apply_updates(params, updates, inplace=True)
@@ -236,12 +247,14 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     def init(params):
         return ClipState(_value(max_norm, params))
 
+    def scale(grads, state):
+        return (state.max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)
+
     def update(grads, state, params=None, *, inplace=False):
         g, spec = optree.tree_flatten(grads)
-        scale = (state.max_norm / (global_norm(g) + 1e-6)).clamp(max=1.0)
-        return optree.tree_unflatten(spec, foreach("mul", g, _as(scale, g))), state
+        return optree.tree_unflatten(spec, foreach("mul", g, _as(scale(g, state), g))), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, scale=scale)
 
 
 class ScaleByLearningRateState(NamedTuple):
@@ -303,7 +316,8 @@ def current_lr(state: Tree, schedule: Schedule | None = None) -> Tensor:
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply transforms in order; the state is the tuple of their states. The chain has a fused_step when
-    its last transform does (e.g. clipping before adamw): the others update, the last one fuses."""
+    its last transform does (e.g. clipping before adamw): the others update, the last one fuses; when the
+    others only scale (clipping), their factors go into the fused kernel and no pass of their own runs."""
 
     def init(params):
         return tuple(t.init(params) for t in transforms)
@@ -315,10 +329,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
         return grads, tuple(new_state)
 
-    def fused_step(grads, state, params):
+    def fused_step(grads, state, params, grad_scale=None):
         *head, last = transforms
+        if all(t.scale is not None for t in head):  # grads * factors = grads / grad_scale
+            for t, s in zip(head, state):
+                grad_scale = 1 / t.scale(grads, s) if grad_scale is None else grad_scale / t.scale(grads, s)
+            return (*state[:-1], last.fused_step(grads, state[-1], params, grad_scale))
         grads, new_state = chain(*head).update(grads, state[:-1], params, inplace=True)
-        return (*new_state, last.fused_step(grads, state[-1], params))
+        return (*new_state, last.fused_step(grads, state[-1], params, grad_scale))
 
     return GradientTransformation(init, update, fused_step if transforms and transforms[-1].fused_step else None)
 
@@ -353,31 +371,49 @@ def adamw(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=Fals
 # --------------------------------------------------------------------------------- fused kernels
 
 
+_FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
+
+
 def _fusable(grads: list[Tensor], params: list[Tensor]) -> bool:
-    """Whether torch's fused Adam kernels take these leaves: eager, plain tensors (not under torch.func, not
+    """Whether torch's fused Adam kernels take these leaves: plain tensors (not under torch.func, not
     differentiated through), floating point, each gradient in its parameter's dtype, on one device that
     has the kernels."""
-    return (bool(params) and not torch.compiler.is_compiling() and not _wrapped(grads, params)
-            and params[0].device.type in _get_fused_kernels_supported_devices()
+    return (bool(params) and not _wrapped(grads, params) and params[0].device.type in _FUSED_DEVICES
             and all(p.is_floating_point() and not p.requires_grad and g.dtype == p.dtype
                     and p.device == g.device == params[0].device for p, g in zip(params, grads, strict=True)))
 
 
+@torch.library.custom_op("minifn::fused_adam_", mutates_args=("params", "grads", "mu", "nu", "nu_max"))
+def _fused_adam_op(params: list[Tensor], grads: list[Tensor], mu: list[Tensor], nu: list[Tensor],
+                   nu_max: list[Tensor], count: Tensor, lr: Tensor, b1: Tensor, b2: Tensor, weight_decay: Tensor,
+                   eps: Tensor, grad_scale: Tensor | None, decoupled: bool, amsgrad: bool) -> None:
+    """torch._fused_adam(w)_ as torch.optim calls it: python-float hyperparameters (read here, so a compiled
+    step passes them as data), float32 step counts, gradients divided by grad_scale (and written back so).
+    An opaque op to torch.compile: its graph calls the kernel instead of generating (and compiling) its own."""
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    kernel(params, grads, mu, nu, nu_max, [count.to(torch.float32)] * len(params), lr=float(lr), beta1=float(b1),
+           beta2=float(b2), weight_decay=float(weight_decay), eps=float(eps), amsgrad=amsgrad, maximize=False,
+           grad_scale=None if grad_scale is None else grad_scale.to(device=params[0].device, dtype=torch.float32))
+
+
+@_fused_adam_op.register_fake
+def _(params, grads, mu, nu, nu_max, count, lr, b1, b2, weight_decay, eps, grad_scale, decoupled, amsgrad):
+    return None
+
+
 def _fused_adam(decoupled: bool, amsgrad: bool, schedule: Schedule | None):
     """fused_step for the adam (decoupled=False: chain(decay, moments, rate)) and adamw (chain(moments,
-    rate)) aliases: torch._fused_adam(w)_ with the state's moments and hyperparameters, as torch.optim
-    calls it (python-float hyperparameters, float32 step counts), so the values are torch's bit for bit."""
-    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    rate)) aliases: torch's fused kernel on the state's moments and hyperparameters, with torch.optim's
+    values bit for bit (without a grad_scale)."""
 
-    def fused_step(grads, state, params):
+    def fused_step(grads, state, params, grad_scale=None):
         *l2, moments, rate = state
         decay = rate.weight_decay if decoupled else l2[0].weight_decay
         count = moments.count + 1
-        p = optree.tree_leaves(params)
-        kernel(p, optree.tree_leaves(grads), optree.tree_leaves(moments.mu), optree.tree_leaves(moments.nu),
-               optree.tree_leaves(moments.nu_max), [count.to(torch.float32)] * len(p),
-               lr=float(_scheduled_lr(rate, schedule)), beta1=float(moments.b1), beta2=float(moments.b2),
-               weight_decay=float(decay), eps=float(moments.eps), amsgrad=amsgrad, maximize=False)
+        leaves = lambda tree: list(optree.tree_leaves(tree))  # noqa: E731 - the op takes lists
+        _fused_adam_op(leaves(params), leaves(grads), leaves(moments.mu), leaves(moments.nu), leaves(moments.nu_max),
+                       count, _scheduled_lr(rate, schedule), moments.b1, moments.b2, decay, moments.eps, grad_scale,
+                       decoupled, amsgrad)
         return (*l2, moments._replace(count=count), rate._replace(count=rate.count + 1))
 
     return fused_step

@@ -63,12 +63,13 @@ def _autocast(device_type: str, dtype: torch.dtype | None):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
-def _summed_loss(params, inputs, targets, config, loss_fn, autocast_dtype, dropout_rate, key):
-    """The loss summed over target tokens (differentiated), twice: as output and as auxiliary value."""
+def _summed_loss(params, inputs, targets, config, loss_fn, autocast_dtype, dropout_rate, key, divisor):
+    """The loss summed over target tokens, divided by divisor (if any) to be differentiated, and as it is
+    as the auxiliary value."""
     with _autocast(inputs.device.type, autocast_dtype):
         logits = apply(params, inputs, config, dropout_rate=dropout_rate, key=key)
     total = loss_fn(logits, targets, reduction="sum")
-    return total, total.detach()
+    return total if divisor is None else total / divisor.to(total.dtype), total.detach()
 
 
 def _grad_and_value(fn: Callable) -> Callable:
@@ -100,12 +101,14 @@ def _grad_and_value(fn: Callable) -> Callable:
 
 def loss_and_grads(params: Params, batch: Batch, key: Tensor | None = None, *, config: ModelConfig,
                    loss_fn: Loss = cross_entropy, autocast_dtype: torch.dtype | None = None,
-                   dropout_rate: float | Tensor = 0.0, log_gns: bool = False):
+                   dropout_rate: float | Tensor = 0.0, log_gns: bool = False, divisor: Tensor | None = None):
     """(gradients of the summed loss, summed loss, target count, small-batch sums or None) over all
     micro-batches of batch.
 
     Sums, not means: they add up exactly across micro-batches and across data-parallel ranks, and
-    apply_gradients divides once by the global count. Micro-batch a drops out with fold_in(key, a).
+    apply_gradients divides once by the global count. A divisor (0-D, e.g. that count when it is known
+    before the backward pass) divides the loss that is differentiated instead, so the gradients come out
+    divided at no cost; the summed loss stays a sum. Micro-batch a drops out with fold_in(key, a).
     log_gns adds each micro-batch's noise.small_batch_sums, a [3] float64 tensor, for the noise scale."""
     inputs, targets = batch
     if inputs.ndim == 2:
@@ -114,36 +117,41 @@ def loss_and_grads(params: Params, batch: Batch, key: Tensor | None = None, *, c
     grads, loss_sum, small = None, 0.0, None
     for a, (x, y) in enumerate(zip(inputs.unbind(0), targets.unbind(0))):  # A is static: unrolled when compiled
         micro_key = None if key is None else fold_in(key, a)
-        g, (_, total) = grad_fn(params, x, y, config, loss_fn, autocast_dtype, dropout_rate, micro_key)
+        g, (_, total) = grad_fn(params, x, y, config, loss_fn, autocast_dtype, dropout_rate, micro_key, divisor)
         if grads is None:
             grads, spec = optree.tree_leaves(g), optree.tree_structure(g)
         else:  # grads are this function's own, so the sum accumulates in place
             grads = optim.foreach("add_", grads, optree.tree_leaves(g))
         loss_sum = loss_sum + total
         if log_gns:
-            sums = noise.small_batch_sums(optim.global_norm(g), (y != IGNORE_INDEX).sum())
+            norm = optim.global_norm(g) * (1 if divisor is None else divisor)  # of the summed gradient
+            sums = noise.small_batch_sums(norm, (y != IGNORE_INDEX).sum())
             small = sums if small is None else small + sums
     return optree.tree_unflatten(spec, grads), loss_sum, (targets != IGNORE_INDEX).sum(), small
 
 
 def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: Tensor, small: Tensor | None = None,
                     *, optimizer: optim.GradientTransformation, reduction: str = "mean", inplace: bool = False,
-                    ema_debias: bool = True, donate_grads: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
+                    ema_debias: bool = True, donate_grads: bool = False,
+                    divided: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
     """Normalise summed gradients (per target token for 'mean'), take one optimizer step, and update the
     moving average if the state keeps one. With small (summed noise.small_batch_sums), metrics gain the
     noise-scale estimates gns_g2 = |G|^2 and gns_trace = tr(Sigma), per target token. donate_grads lets the
-    normalisation overwrite grads (train_step passes gradients it made itself; saves a model-sized copy).
+    normalisation overwrite grads (saves a model-sized copy); divided says grads are already per target
+    token (loss_and_grads(..., divisor=tokens), as train_step computes them).
 
-    inplace: eagerly, the optimizer, parameters and EMA update their own tensors (the old state is donated,
-    see optim.step_inplace; Adam and AdamW run torch's fused kernel, whose values equal the pure step's to
-    rounding, any other optimizer's bit for bit); compiled, the step computes a new state and copies it into
-    the old one, which inductor fuses into in-place writes."""
+    inplace: the optimizer, parameters and EMA update their own tensors (the old state is donated, see
+    optim.step_inplace). Adam and AdamW run torch's fused kernel, eager or compiled (whose values equal the
+    pure step's to rounding); any other optimizer eagerly runs its blocks in place (bit for bit), and
+    compiled computes a new state and copies it into the old one, which inductor fuses into in-place writes."""
     count = tokens.clamp(min=1)
-    if reduction == "mean":
+    if reduction == "mean" and not divided:
         leaves, spec = optree.tree_flatten(grads)
         scale = [count.to(g.dtype) for g in leaves]
         grads = optree.tree_unflatten(spec, optim.foreach("div_" if donate_grads else "div", leaves, scale))
-    donated = inplace and not torch.compiler.is_compiling()
+    grad_norm = optim.global_norm(grads)  # before the step: a fused kernel may overwrite grads
+    # written in place by the optimizer itself: eagerly, and compiled where torch's fused kernel takes it
+    donated = inplace and (not torch.compiler.is_compiling() or optim.fuses(optimizer, grads, state.params))
     if donated:
         params, opt_state = state.params, optim.step_inplace(optimizer, grads, state.opt_state, state.params)
     else:
@@ -156,7 +164,7 @@ def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: 
         params = optim.assign_(state.params, params)
         opt_state = optim.assign_(state.opt_state, opt_state)
         ema = optim.assign_(state.ema, ema) if has_ema else ema
-    metrics = {"loss": loss_sum / count, "grad_norm": optim.global_norm(grads), "tokens": tokens}
+    metrics = {"loss": loss_sum / count, "grad_norm": grad_norm, "tokens": tokens}
     if small is not None:
         mean_norm = metrics["grad_norm"].double() / (1 if reduction == "mean" else count.double())
         metrics["gns_g2"], metrics["gns_trace"] = noise.moments(small, mean_norm.square(), count)
@@ -181,11 +189,14 @@ def train_step(state: TrainState, batch: Batch, *, config: ModelConfig, optimize
     the caller must not use the old state afterwards. A state with an EMA
     (init_state(..., ema=decay)) also updates it, per minifn.ema with ema_debias."""
     key = step_key(state) if isinstance(dropout_rate, Tensor) or dropout_rate else None
+    # the token count is known before the backward pass: dividing the loss is free, dividing the gradients
+    # is a pass over a model-sized tree
+    divisor = (batch[1] != IGNORE_INDEX).sum().clamp(min=1) if reduction == "mean" else None
     grads, loss_sum, tokens, small = loss_and_grads(state.params, batch, key, config=config, loss_fn=loss_fn,
                                                     autocast_dtype=autocast_dtype, dropout_rate=dropout_rate,
-                                                    log_gns=log_gns)
+                                                    log_gns=log_gns, divisor=divisor)
     return apply_gradients(state, grads, loss_sum, tokens, small, optimizer=optimizer, reduction=reduction,
-                           inplace=inplace, ema_debias=ema_debias, donate_grads=True)
+                           inplace=inplace, ema_debias=ema_debias, divided=divisor is not None)
 
 
 def eval_step(params: Params, batch: Batch, *, config: ModelConfig, loss_fn: Loss = cross_entropy,
@@ -211,8 +222,8 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
       reduction: 'mean' divides the summed gradients by the number of target tokens, 'sum' does not.
       autocast_dtype: run the forward pass under autocast to this dtype (None: no autocast region at all).
       dropout_rate: dropout on the embedding and residual branches, keyed by the state's RNG key and step.
-      inplace: write the new state into the input tensors (one copy of the trees; eagerly, Adam and AdamW run
-        torch's fused kernel).
+      inplace: write the new state into the input tensors (one copy of the trees; Adam and AdamW run torch's
+        fused kernel, eager or compiled).
       ema_debias: how a state with an EMA (init_state(..., ema=decay)) averages: see minifn.ema.
       log_gns: add the gradient-noise-scale estimates gns_g2 and gns_trace to the metrics (minifn.noise);
         the micro-batches (on every rank) are the small batches, so it needs two or more in all.

@@ -1,5 +1,6 @@
 """The train step: against eager, against the nn.Module + torch.optim loop, one graph, exact resume."""
 
+import functools
 import signal
 
 import optree
@@ -137,19 +138,33 @@ class AtenCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def fused_kernel_calls(graph: torch.fx.Graph) -> int:
+    return sum(n.op == "call_function" and "fused_adam_" in str(n.target) for n in graph.nodes)
+
+
 @pytest.mark.parametrize("optimizer,fused", [("adamw", True), ("adam", True), ("sgd", False)])
-def test_minifn_trains_eager_steps_with_torchs_fused_kernel_when_the_state_is_donated(optimizer, fused):
+def test_minifn_trains_with_torchs_fused_kernel_when_the_state_is_donated(optimizer, fused):
     """minifn train's optimizer (clipping, then the chosen one) takes the fused Adam kernel, eager and donated;
-    a pure step composes the blocks, and SGD has no fused kernel here."""
+    a pure step composes the blocks, and SGD has no fused kernel here. Compiled alike: the graph dynamo
+    captures (run by a recording backend, nothing is compiled) calls the kernel exactly when donated."""
     tx, _ = optimizer_from_config(OptimConfig(optimizer=optimizer), steps_per_epoch=4, total_steps=8)
     batch = next(batches(random_tokens(), 16, 8, 4))
     for inplace in (True, False):
         step = make_train_step(CONFIG, tx, compile="off", inplace=inplace)
         with AtenCalls() as calls:
             step(init_state(init_params(CONFIG, 0), tx), batch)
-        assert (f"_fused_{optimizer}_" in calls.names) == (fused and inplace), inplace
+        assert ("fused_adam_" in calls.names) == (fused and inplace), inplace
         applied_updates = bool(calls.names & {"_foreach_add", "_foreach_add_"})  # apply_updates: composed blocks
         assert applied_updates != (fused and inplace), inplace  # one or the other, never both
+        # the loss was divided by the token count before the backward pass: no pass over the gradients to do it
+        assert not calls.names & {"_foreach_div", "_foreach_div_"}
+        # clipping is folded into the fused kernel (its grad_scale): no pass of its own over the gradients
+        assert ("_foreach_mul" in calls.names) != (fused and inplace), inplace
+        graphs = []
+        recorded = torch.compile(functools.partial(train_step, config=CONFIG, optimizer=tx, inplace=inplace),
+                                 fullgraph=True, backend=lambda gm, _: graphs.append(gm.graph) or gm.forward)
+        recorded(init_state(init_params(CONFIG, 0), tx), batch)
+        assert fused_kernel_calls(graphs[-1]) == (fused and inplace), inplace
 
 
 @pytest.mark.slow
@@ -268,11 +283,18 @@ def test_eager_gradients_through_autograd_equal_functorchs():
     grads, loss = None, 0.0
     for a in range(2):
         g, (_, total) = functorch(params, x.view(2, 2, 16)[a], y.view(2, 2, 16)[a], CONFIG, cross_entropy, None, 0.1,
-                                  fold_in(torch.tensor(3), a))
+                                  fold_in(torch.tensor(3), a), None)
         grads = g if grads is None else {k: grads[k] + g[k] for k in g}
         loss = loss + total
     assert rel(ours[0], grads) < 1e-6 and rel(ours[0], params) > 1e-3
     torch.testing.assert_close(ours[1], loss, rtol=1e-6, atol=0)
+    # a divisor divides the differentiated loss: the gradients come out divided, the loss and the noise-scale
+    # sums (of the summed gradients) stay as they were
+    divided = step_module.loss_and_grads(params, batch, torch.tensor(3), config=CONFIG, dropout_rate=0.1,
+                                         log_gns=True, divisor=torch.tensor(37))
+    assert rel(divided[0], {k: v / 37 for k, v in grads.items()}) < 1e-6
+    torch.testing.assert_close(divided[1], loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(divided[3], ours[3], rtol=1e-5, atol=0)
     # inside a transform (here vmap over two copies) the functorch path runs and agrees as well
     stacked = {k: torch.stack([v, v]) for k, v in params.items()}
     vmapped = torch.func.vmap(lambda p: step_module.loss_and_grads(p, batch, torch.tensor(3), config=CONFIG,

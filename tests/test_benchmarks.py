@@ -17,6 +17,7 @@ SCRIPTS = [
     ("data.py", ["--quick"], "## Data: prepare and reading from shards"),
     ("sweep.py", ["--quick", "--k", "2"], "## Sweep"),
     ("corpus_training.py", ["--quick", "--steps", "2"], "## Training from a prepared corpus"),
+    ("allocator.py", ["--configs", "tiny", "--no-tutorial"], "## Keeping freed memory"),
 ]
 
 

@@ -169,6 +169,9 @@ class OneLineErrors(click.Group):
 @click.version_option(package_name="minifn")
 def cli():
     """minifn: pure-functional language-model training on torch.func and torch.compile."""
+    from minifn.allocator import keep_freed_memory
+
+    keep_freed_memory()  # eager CPU steps reuse their memory instead of page-faulting it back in
 
 
 weights_option = click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,

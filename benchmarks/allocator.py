@@ -1,0 +1,106 @@
+"""What keeping freed memory in the process (minifn.allocator, set by the command line) buys eager steps.
+
+    python benchmarks/allocator.py              # seed and bench steps, and the tutorial's command; RESULTS.md
+    python benchmarks/allocator.py --configs tiny --no-tutorial   # a quick check that it runs
+
+Each measurement is its own process, with glibc's default malloc or with keep_freed_memory() called
+first; the two alternate, twice each, and the medians are reported (the tutorial: one run each). Step times are for the eager
+variants of benchmarks/train_step.py: (a) nn.Module + torch.optim.AdamW and (c) minifn's donated step.
+The tutorial row runs `minifn train` with the README's tutorial flags and --compile off, end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import CONFIGS, VARIANTS, build, machine, median_seconds, peak_memory_mb, write_section  # noqa: E402
+
+MODES = ("default", "keep")
+STEPS = {"seed": 20, "bench": 6, "tiny": 3}  # timed steps per process
+TUTORIAL = ["--batch-size", "2", "--batch-stride", "8", "--num-epochs", "100", "--num-layers", "4", "--num-heads",
+            "8", "--head-dim", "16", "--embed-dim", "256", "--lr", "1e-4", "--scheduler", "none", "--bias",
+            "--compile", "off"]
+MINI_OWL = HERE.parent.parent / "shared" / "data" / "mini-owl.md"
+# The command line calls keep_freed_memory() itself; the default runs replace it with a no-op first.
+RUN_CLI = ("import sys, minifn.allocator as a\n"
+           "if sys.argv.pop(1) == 'default':\n    a.keep_freed_memory = lambda: False\n"
+           "from minifn.cli import main\nsys.argv[0] = 'minifn'\nmain()")
+
+
+def worker(mode: str, variant: str, name: str) -> dict:
+    if mode == "keep":
+        from minifn.allocator import keep_freed_memory
+
+        assert keep_freed_memory(), "glibc's malloc thresholds could not be set"
+    config, batch_size = CONFIGS[name]
+    step = build(variant, config, batch_size)
+    step(), step()
+    return {"step_s": median_seconds(step, STEPS[name]), "peak_memory_mb": peak_memory_mb()}
+
+
+def child(*args: str) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], env=env, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def tutorial(mode: str) -> float:
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", RUN_CLI, mode, "train", "--dataset", str(MINI_OWL), *TUTORIAL,
+                        "--model", str(Path(folder) / "mini.pt")], check=True, capture_output=True)
+        return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="seed,bench", help=f"comma-separated, from {', '.join(STEPS)}")
+    parser.add_argument("--no-tutorial", action="store_true", help="skip the end-to-end tutorial run")
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker)))
+        return
+    rows = []
+    for name in args.configs.split(","):
+        for variant in ("a", "c"):
+            runs = {mode: [] for mode in MODES}
+            for _ in range(2):
+                for mode in MODES:
+                    runs[mode].append(child(mode, variant, name))
+            step = {m: statistics.median(r["step_s"] for r in runs[m]) for m in MODES}
+            rss = {m: max(r["peak_memory_mb"] for r in runs[m]) for m in MODES}
+            rows.append(f"| {name} | ({variant}) {VARIANTS[variant]} | {step['default'] * 1e3:.1f} | "
+                        f"{step['keep'] * 1e3:.1f} | {step['default'] / step['keep']:.2f}x | {rss['default']:.0f} | "
+                        f"{rss['keep']:.0f} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    lines = ["## Keeping freed memory (minifn.allocator)", "", f"Machine: {machine()}", "",
+             f"Command: `{' '.join(['python benchmarks/allocator.py', *sys.argv[1:]])}`", "",
+             "Eager steps in their own process, with glibc's default malloc or with `keep_freed_memory()` (what the",
+             "command line sets); processes alternate, two of each, medians.", "",
+             "| config | variant | step ms, default | step ms, kept | speed-up | peak RSS MB, default | "
+             "peak RSS MB, kept |", "|---|---|---|---|---|---|---|", *rows]
+    if not args.no_tutorial and MINI_OWL.exists():
+        default, keep = (tutorial(mode) for mode in MODES)  # one run each: a run is 1,100 steps
+        lines += ["", f"The tutorial's command with `--compile off` (README flags, 100 epochs on mini-owl), end to end: "
+                      f"{default:.0f} s with the default malloc, {keep:.0f} s kept ({default / keep:.2f}x)."]
+    text = "\n".join(lines)
+    write_section(args.output, "allocator", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,8 +4,9 @@
     python benchmarks/allocator.py --configs tiny --no-tutorial   # a quick check that it runs
 
 Each measurement is its own process, with glibc's default malloc or with keep_freed_memory() called
-first; the two alternate, twice each, and the medians are reported (the tutorial: one run each). Step times are for the eager
-variants of benchmarks/train_step.py: (a) nn.Module + torch.optim.AdamW and (c) minifn's donated step.
+first; the two alternate, twice each, and the medians are reported (the tutorial: one run each). Step
+times are for the eager variants of benchmarks/train_step.py: (a) nn.Module + torch.optim.AdamW and (c)
+minifn's donated step.
 The tutorial row runs `minifn train` with the README's tutorial flags and --compile off, end to end.
 """
 
@@ -95,8 +96,8 @@ def main():
              "peak RSS MB, kept |", "|---|---|---|---|---|---|---|", *rows]
     if not args.no_tutorial and MINI_OWL.exists():
         default, keep = (tutorial(mode) for mode in MODES)  # one run each: a run is 1,100 steps
-        lines += ["", f"The tutorial's command with `--compile off` (README flags, 100 epochs on mini-owl), end to end: "
-                      f"{default:.0f} s with the default malloc, {keep:.0f} s kept ({default / keep:.2f}x)."]
+        lines += ["", "The tutorial's command with `--compile off` (README flags, 100 epochs on mini-owl), end to "
+                      f"end: {default:.0f} s with the default malloc, {keep:.0f} s kept ({default / keep:.2f}x)."]
     text = "\n".join(lines)
     write_section(args.output, "allocator", text)
     print(text)

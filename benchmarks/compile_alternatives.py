@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 from common import CONFIGS, LR, WEIGHT_DECAY, batch_for, machine, write_section  # noqa: E402
 
 from minifn import init_params, optim  # noqa: E402
+from minifn.losses import IGNORE_INDEX  # noqa: E402
 from minifn.step import init_state, loss_and_grads, make_train_step  # noqa: E402
 
 OPTIMIZER = optim.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
@@ -46,11 +47,9 @@ def split_step(config):
     """(state, batch) -> state: compiled gradients, eager fused AdamW."""
 
     def gradients(params, batch):
-        grads, loss_sum, tokens, _ = loss_and_grads(params, batch, config=config)
-        leaves, spec = optree.tree_flatten(grads)
-        count = tokens.clamp(min=1)
-        leaves = optim.foreach("div_", leaves, [count.to(x.dtype) for x in leaves])
-        return optree.tree_unflatten(spec, leaves), loss_sum / count, optim.global_norm(leaves)
+        count = (batch[1] != IGNORE_INDEX).sum().clamp(min=1)  # as train_step: the loss is divided, not the grads
+        grads, loss_sum, _, _ = loss_and_grads(params, batch, config=config, divisor=count)
+        return grads, loss_sum / count, optim.global_norm(grads)
 
     compiled = torch.compile(gradients, fullgraph=True, dynamic=False)
 

@@ -4,9 +4,10 @@
     python benchmarks/train_step.py --quick    # fewer steps
     python benchmarks/train_step.py --device cuda --configs large
 
-Each variant runs twice in its own process with a fresh inductor cache (cold compile, step time,
-peak RSS), then again on the warm cache (warm compile). Because the machines are shared and noisy,
-the speed ratios quoted are from one more process that steps all variants round-robin.
+Each variant runs twice in its own process with an inductor cache of its own, empty at first (cold
+compile, step time, peak RSS), then again on that cache, now warm (warm compile). Because the machines
+are shared and noisy, the speed ratios quoted are from one more process that steps all variants
+round-robin.
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ def measure(config_names: list[str], repeats: int, rounds: int) -> dict:
     results = {}
     for name in config_names:
         per_variant = {}
-        with tempfile.TemporaryDirectory() as cache:
+        with tempfile.TemporaryDirectory() as shared:
             for v in VARIANTS:
-                cold = run_child(["--worker", v, name, str(repeats)], cache)
-                warm = run_child(["--worker", v, name, str(repeats)], cache)
+                with tempfile.TemporaryDirectory() as cache:  # each variant's cold compile starts from nothing
+                    cold = run_child(["--worker", v, name, str(repeats)], cache)
+                    warm = run_child(["--worker", v, name, str(repeats)], cache)
                 per_variant[v] = {"cold": cold, "warm": warm}
                 print(f"{name} {v}: {cold}", file=sys.stderr, flush=True)
-            together = run_child(["--interleaved", name, str(rounds)], cache)
+            together = run_child(["--interleaved", name, str(rounds)], shared)
         results[name] = {"variants": per_variant, "interleaved": together}
     return results
 
@@ -92,7 +94,7 @@ def report(results: dict, command: str) -> str:
     lines = ["## Train step", "", f"Machine: {machine()}", "", f"Command: `{command}`", "",
              "Ratios are speed relative to (a), from the interleaved process (all variants stepping round-robin",
              "in one process, so machine noise hits them alike). Step times and memory come from each variant's own",
-             "process; cold compile is the first step with an empty inductor cache, warm the same with the cache",
+             "process; cold compile is the first step with an empty inductor cache of its own, warm the same with it",
              "filled. MFU = model FLOPs per step / step time / float32 matmul FLOP/s measured in the same run;",
              "model FLOPs per token = 6 x matmul parameters + 6 x layers x T x heads x head_dim (causal).", ""]
     for name, r in results.items():

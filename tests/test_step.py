@@ -161,8 +161,13 @@ def test_minifn_trains_with_torchs_fused_kernel_when_the_state_is_donated(optimi
         # clipping is folded into the fused kernel (its grad_scale): no pass of its own over the gradients
         assert ("_foreach_mul" in calls.names) != (fused and inplace), inplace
         graphs = []
+
+        def record(gm, _, graphs=graphs):
+            graphs.append(gm.graph)
+            return gm.forward
+
         recorded = torch.compile(functools.partial(train_step, config=CONFIG, optimizer=tx, inplace=inplace),
-                                 fullgraph=True, backend=lambda gm, _: graphs.append(gm.graph) or gm.forward)
+                                 fullgraph=True, backend=record)
         recorded(init_state(init_params(CONFIG, 0), tx), batch)
         assert fused_kernel_calls(graphs[-1]) == (fused and inplace), inplace
 

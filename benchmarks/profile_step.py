@@ -26,7 +26,7 @@ from common import CONFIGS, build, machine, matmul_peak_flops, step_flops, write
 CATEGORIES = [  # first match wins
     ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm")),
     ("attention (SDPA)", ("scaled_dot_product",)),
-    ("optimizer update", ("lerp",)),
+    ("optimizer update", ("lerp", "fused_adam")),  # inductor's own update, or torch's fused kernel
     ("log-softmax / loss", ("log_softmax",)),
     ("other fused kernels", ("graph_",)),
 ]

@@ -317,7 +317,7 @@ def current_lr(state: Tree, schedule: Schedule | None = None) -> Tensor:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply transforms in order; the state is the tuple of their states. The chain has a fused_step when
     its last transform does (e.g. clipping before adamw): the others update, the last one fuses; when the
-    others only scale (clipping), their factors go into the fused kernel and no pass of their own runs."""
+    one other only scales (clipping), its factor goes into the fused kernel and no pass of its own runs."""
 
     def init(params):
         return tuple(t.init(params) for t in transforms)
@@ -331,10 +331,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     def fused_step(grads, state, params, grad_scale=None):
         *head, last = transforms
-        if all(t.scale is not None for t in head):  # grads * factors = grads / grad_scale
-            for t, s in zip(head, state):
-                grad_scale = 1 / t.scale(grads, s) if grad_scale is None else grad_scale / t.scale(grads, s)
-            return (*state[:-1], last.fused_step(grads, state[-1], params, grad_scale))
+        if grad_scale is None and len(head) == 1 and head[0].scale is not None:  # grads * factor
+            return (state[0], last.fused_step(grads, state[-1], params, 1 / head[0].scale(grads, state[0])))
         grads, new_state = chain(*head).update(grads, state[:-1], params, inplace=True)
         return (*new_state, last.fused_step(grads, state[-1], params, grad_scale))
 
@@ -410,7 +408,7 @@ def _fused_adam(decoupled: bool, amsgrad: bool, schedule: Schedule | None):
         *l2, moments, rate = state
         decay = rate.weight_decay if decoupled else l2[0].weight_decay
         count = moments.count + 1
-        leaves = lambda tree: list(optree.tree_leaves(tree))  # noqa: E731 - the op takes lists
+        leaves = optree.tree_leaves
         _fused_adam_op(leaves(params), leaves(grads), leaves(moments.mu), leaves(moments.nu), leaves(moments.nu_max),
                        count, _scheduled_lr(rate, schedule), moments.b1, moments.b2, decay, moments.eps, grad_scale,
                        decoupled, amsgrad)

@@ -132,13 +132,11 @@ def loss_and_grads(params: Params, batch: Batch, key: Tensor | None = None, *, c
 
 def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: Tensor, small: Tensor | None = None,
                     *, optimizer: optim.GradientTransformation, reduction: str = "mean", inplace: bool = False,
-                    ema_debias: bool = True, donate_grads: bool = False,
-                    divided: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
+                    ema_debias: bool = True, divided: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
     """Normalise summed gradients (per target token for 'mean'), take one optimizer step, and update the
     moving average if the state keeps one. With small (summed noise.small_batch_sums), metrics gain the
-    noise-scale estimates gns_g2 = |G|^2 and gns_trace = tr(Sigma), per target token. donate_grads lets the
-    normalisation overwrite grads (saves a model-sized copy); divided says grads are already per target
-    token (loss_and_grads(..., divisor=tokens), as train_step computes them).
+    noise-scale estimates gns_g2 = |G|^2 and gns_trace = tr(Sigma), per target token. divided says grads are
+    already per target token (loss_and_grads(..., divisor=tokens), as train_step computes them).
 
     inplace: the optimizer, parameters and EMA update their own tensors (the old state is donated, see
     optim.step_inplace). Adam and AdamW run torch's fused kernel, eager or compiled (whose values equal the
@@ -148,7 +146,7 @@ def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: 
     if reduction == "mean" and not divided:
         leaves, spec = optree.tree_flatten(grads)
         scale = [count.to(g.dtype) for g in leaves]
-        grads = optree.tree_unflatten(spec, optim.foreach("div_" if donate_grads else "div", leaves, scale))
+        grads = optree.tree_unflatten(spec, optim.foreach("div", leaves, scale))
     grad_norm = optim.global_norm(grads)  # before the step: a fused kernel may overwrite grads
     # written in place by the optimizer itself: eagerly, and compiled where torch's fused kernel takes it
     donated = inplace and (not torch.compiler.is_compiling() or optim.fuses(optimizer, grads, state.params))

@@ -86,6 +86,9 @@ DONATING = {
     "sgd-nesterov": optim.sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
     "clip-adamw": optim.chain(optim.clip_by_global_norm(0.5),
                               optim.adamw(lr=1e-2, schedule=lambda s, lr: lr / (1 + s))),
+    # the second clip sees the first one's output: factors of a chain do not simply multiply
+    "clip-clip-adamw": optim.chain(optim.clip_by_global_norm(0.5), optim.clip_by_global_norm(0.05),
+                                   optim.adamw(lr=1e-2)),
 }
 
 

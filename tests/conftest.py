@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # A one-layer model small enough that a CLI epoch on a 600-character story takes a fraction of a second.
 TINY_FLAGS = ["--num-layers", "1", "--num-heads", "2", "--head-dim", "8", "--embed-dim", "16", "--ff-dim", "32",
-              "--max-seq-len", "32", "--batch-stride", "16", "--batch-size", "2", "--compile", "off"]
+              "--max-seq-len", "32", "--batch-stride", "16", "--batch-size", "2", "--compile", "off",
+              "--dtype", "float32"]  # not auto: the same numbers on every CI machine, bfloat16 hardware or not
 
 
 def tiny_config(**overrides) -> ModelConfig:

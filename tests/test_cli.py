@@ -173,6 +173,36 @@ def test_save_every_verbose_and_bfloat16(story, tmp_path):
     assert saved_at == [2, 3]  # every second epoch and at the end
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-bfloat16", "no-bfloat16"])
+def test_dtype_auto_trains_as_bfloat16_only_where_the_hardware_has_it(story, tmp_path, monkeypatch, native):
+    from minifn import run as run_module
+
+    monkeypatch.setattr(run_module, "native_bfloat16", lambda device: native)
+    params = {}
+    for dtype in ("auto", "bfloat16", "float32"):
+        result = train(story, tmp_path / f"{dtype}.pt", "--num-epochs", 1, "--dtype", dtype)
+        tensors = checkpoint.load(tmp_path / f"{dtype}.pt")[0]
+        params[dtype] = {k: v for k, v in tensors.items() if k.startswith("params.")}
+        if dtype == "auto":
+            assert ("bfloat16 autocast" if native else "device cpu, float32,") in result.output
+    same, other = ("bfloat16", "float32") if native else ("float32", "bfloat16")
+    assert all(torch.equal(params["auto"][k], params[same][k]) for k in params["auto"])
+    assert not all(torch.equal(params["auto"][k], params[other][k]) for k in params["auto"])
+
+
+def test_auto_dtype_asks_the_cpu_for_native_bfloat16(monkeypatch):
+    from minifn.run import resolve_dtype
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                       (False, False, None)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_dtype("auto", cpu) == expected
+        assert resolve_dtype("float32", cpu) is None and resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("mps")) is None
+
+
 def test_unavailable_device_is_one_clear_line(story, tmp_path):
     import torch
 

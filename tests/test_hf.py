@@ -305,7 +305,8 @@ def test_train_init_from_a_transformers_folder_starts_from_its_weights(tmp_path,
     story = story_file(tmp_path, 1200)
     flags = ["--dataset", story, "--model", tmp_path / "tuned.pt", "--tokenizer", tiny_tokenizer,
              "--init-from", tmp_path / "hf", "--max-seq-len", 16, "--batch-stride", 16, "--batch-size", 1,
-             "--no-shuffle", "--compile", "off", "--lr", "1e-3", "--scheduler", "none", "--clip-grad", "0"]
+             "--no-shuffle", "--compile", "off", "--dtype", "float32", "--lr", "1e-3", "--scheduler", "none",
+             "--clip-grad", "0"]
     result = run("train", *flags, "--num-epochs", 2)
     assert result.exit_code == 0, result.output
     steps = [json.loads(line) for line in checkpoint.metrics_path(tmp_path / "tuned.pt").read_text().splitlines()

@@ -249,7 +249,8 @@ def test_auto_compile_falls_back_on_the_first_call_only(monkeypatch):
 
     calls = []
 
-    def compiled(x):
+    def compiled(tree, lifted):  # maybe_compile's inner function takes (args, kwargs) and the lifted leaves
+        (x,), _ = tree
         calls.append(x)
         if x == "fail":
             raise RuntimeError("a compile error")

@@ -33,7 +33,7 @@ class Printer:
                      else f"tokenized in {e['seconds']:.2f} s")
         self.echo(f"Training {e['params'] / 1e6:.2f}M parameters on {e['tokens']} tokens of {e['dataset']} "
                   f"({tokenized}; {e['steps_per_epoch']} steps/epoch, {e['total_steps']} steps in all, "
-                  f"device {e['device']}, compile {e['compile']})")
+                  f"device {e['device']}, {e['precision']}, compile {e['compile']})")
         if e["world_size"] > 1:
             n, b, a = e["world_size"], e["batch_size"], e["grad_accum_steps"]
             self.echo(f"Data parallel: {n} processes; global batch {b} x {n} x {a} = {b * n * a} windows per step")

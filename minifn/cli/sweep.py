@@ -52,7 +52,7 @@ def sweep(output, verbose, **settings):
         if e["kind"] == "start":
             click.echo(f"Sweeping {len(e['members'])} runs in one step ({', '.join(e['members'])}) on {e['tokens']} "
                        f"tokens; {e['steps_per_epoch']} steps/epoch, {e['total_steps']} steps in all, device "
-                       f"{e['device']}, compile {e['compile']}; checkpoints in {e['folder']}")
+                       f"{e['device']}, {e['precision']}, compile {e['compile']}; checkpoints in {e['folder']}")
         elif e["kind"] == "diverged":
             click.echo(f"[Step: {e['step']}] {e['member']}: the loss or the weights became non-finite; this run "
                        "is frozen at its last finite state, the others go on")

@@ -31,7 +31,7 @@ MODES = ("default", "keep")
 STEPS = {"seed": 20, "bench": 6, "tiny": 3}  # timed steps per process
 TUTORIAL = ["--batch-size", "2", "--batch-stride", "8", "--num-epochs", "100", "--num-layers", "4", "--num-heads",
             "8", "--head-dim", "16", "--embed-dim", "256", "--lr", "1e-4", "--scheduler", "none", "--bias",
-            "--compile", "off"]
+            "--compile", "off", "--dtype", "float32"]
 MINI_OWL = HERE.parent.parent / "shared" / "data" / "mini-owl.md"
 # The command line calls keep_freed_memory() itself; the default runs replace it with a no-op first.
 RUN_CLI = ("import sys, minifn.allocator as a\n"

@@ -34,7 +34,14 @@ VARIANTS = {
     "c_pure": "minifn train_step, eager, pure (a new state each step)",
     "c": "minifn train_step, eager, state donated (inplace=True, as minifn train runs)",
     "d": "minifn train_step, compiled, state donated",
+    # The same under bfloat16 autocast (minifn train's --dtype auto where the hardware has bfloat16):
+    # float32 parameters and optimizer, bfloat16 matmuls.
+    "a_bf16": "eager nn.Module + AdamW(fused=True), bfloat16 autocast",
+    "b_bf16": "torch.compile(module) + AdamW, bfloat16 autocast",
+    "c_bf16": "minifn train_step, eager, state donated, bfloat16 autocast",
+    "d_bf16": "minifn train_step, compiled, state donated, bfloat16 autocast",
 }
+COMPILED = ("b", "d", "b_bf16", "d_bf16")
 
 
 def bench_device() -> torch.device:
@@ -60,21 +67,26 @@ def build(variant: str, config: ModelConfig, batch_size: int):
     device = bench_device()
     params = init_params(config, seed=0, device=device)
     x, y = batch_for(config, batch_size)
-    if variant in ("a", "a_fused", "b"):
+    kind, bf16, _ = variant.partition("_bf16")
+    autocast_dtype = torch.bfloat16 if bf16 else None
+    if kind in ("a", "a_fused", "b"):
         module = ReferenceTransformer(config).to(device)
         module.load_state_dict(params)
-        opt = torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=variant == "a_fused")
-        forward = torch.compile(module) if variant == "b" else module
+        fused = kind == "a_fused" or (kind == "a" and autocast_dtype is not None)
+        opt = torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=fused)
+        forward = torch.compile(module) if kind == "b" else module
 
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(forward(x).flatten(0, 1), y.flatten()).backward()
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = forward(x)
+            F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).backward()
             opt.step()
 
         return step
     tx = optim.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
-    train_step = make_train_step(config, tx, compile="on" if variant == "d" else "off", inplace=variant != "c_pure",
-                                 device=device)
+    train_step = make_train_step(config, tx, compile="on" if kind == "d" else "off", inplace=kind != "c_pure",
+                                 autocast_dtype=autocast_dtype, device=device)
     holder = [init_state(params, tx)]
 
     def step():

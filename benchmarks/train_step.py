@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
+    COMPILED,
     CONFIGS,
     VARIANTS,
     bench_device,
@@ -51,9 +52,9 @@ def worker(variant: str, config_name: str, repeats: int) -> dict:
     return {"first_step_s": first, "step_s": median_seconds(step, repeats), "peak_memory_mb": peak_memory_mb()}
 
 
-def interleaved(config_name: str, rounds: int) -> dict:
+def interleaved(config_name: str, rounds: int, variants: list[str]) -> dict:
     config, batch_size = CONFIGS[config_name]
-    steps = {v: build(v, config, batch_size) for v in VARIANTS}
+    steps = {v: build(v, config, batch_size) for v in variants}
     for step in steps.values():  # compile (warm cache) and warm up
         step()
         step()
@@ -73,18 +74,18 @@ def run_child(args: list[str], cache: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(config_names: list[str], repeats: int, rounds: int) -> dict:
+def measure(config_names: list[str], repeats: int, rounds: int, variants: list[str]) -> dict:
     results = {}
     for name in config_names:
         per_variant = {}
         with tempfile.TemporaryDirectory() as shared:
-            for v in VARIANTS:
+            for v in variants:
                 with tempfile.TemporaryDirectory() as cache:  # each variant's cold compile starts from nothing
                     cold = run_child(["--worker", v, name, str(repeats)], cache)
                     warm = run_child(["--worker", v, name, str(repeats)], cache)
                 per_variant[v] = {"cold": cold, "warm": warm}
                 print(f"{name} {v}: {cold}", file=sys.stderr, flush=True)
-            together = run_child(["--interleaved", name, str(rounds)], shared)
+            together = run_child(["--interleaved", name, str(rounds), ",".join(variants)], shared)
         results[name] = {"variants": per_variant, "interleaved": together}
     return results
 
@@ -95,7 +96,8 @@ def report(results: dict, command: str) -> str:
              "Ratios are speed relative to (a), from the interleaved process (all variants stepping round-robin",
              "in one process, so machine noise hits them alike). Step times and memory come from each variant's own",
              "process; cold compile is the first step with an empty inductor cache of its own, warm the same with it",
-             "filled. MFU = model FLOPs per step / step time / float32 matmul FLOP/s measured in the same run;",
+             "filled. MFU = model FLOPs per step / step time / float32 matmul FLOP/s measured in the same run",
+             "(so bfloat16 rows, whose matmuls run faster than float32's peak, go over 100%);",
              "model FLOPs per token = 6 x matmul parameters + 6 x layers x T x heads x head_dim (causal).", ""]
     for name, r in results.items():
         config, batch_size = CONFIGS[name]
@@ -109,10 +111,11 @@ def report(results: dict, command: str) -> str:
                   "| variant | ratio to (a), interleaved | step ms, interleaved | tokens/s | MFU "
                   f"| step ms, own process | cold compile s | warm compile s | {memory} |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for v, label in VARIANTS.items():
+        for v in r["variants"]:
+            label = VARIANTS[v]
             step = inter["step_s"][v]
             own = r["variants"][v]
-            compiled = v in ("b", "d")
+            compiled = v in COMPILED
             cold = f"{own['cold']['first_step_s']:.1f}" if compiled else "-"
             warm = f"{own['warm']['first_step_s']:.1f}" if compiled else "-"
             lines.append(f"| ({v}) {label} | {base / step:.2f} | {step * 1e3:.1f} | {tokens / step:.0f} | "
@@ -127,10 +130,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
     parser.add_argument("--configs", default=None,
                         help=f"comma-separated, from {', '.join(CONFIGS)} [seed,bench; and large on a GPU]")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, from {', '.join(VARIANTS)}; a is the baseline [all]")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="[cuda when present]")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "CONFIG", "REPEATS"), help=argparse.SUPPRESS)
-    parser.add_argument("--interleaved", nargs=2, metavar=("CONFIG", "ROUNDS"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", nargs=3, metavar=("CONFIG", "ROUNDS", "VARIANTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device:
         os.environ["MINIFN_BENCH_DEVICE"] = args.device  # the worker processes inherit it
@@ -139,10 +144,13 @@ def main():
         print(json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]))))
         return
     if args.interleaved:
-        print(json.dumps(interleaved(args.interleaved[0], int(args.interleaved[1]))))
+        print(json.dumps(interleaved(args.interleaved[0], int(args.interleaved[1]), args.interleaved[2].split(","))))
         return
     repeats, rounds = (3, 3) if args.quick else (10, 15)
-    results = measure(configs.split(","), repeats, rounds)
+    variants = args.variants.split(",")
+    if "a" not in variants or not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants: a comma-separated list from {', '.join(VARIANTS)} that includes a")
+    results = measure(configs.split(","), repeats, rounds, variants)
     command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
     text = report(results, command.strip())
     write_section(args.output, "train_step", text)

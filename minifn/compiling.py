@@ -73,7 +73,7 @@ def _lift_scalars(tree):
     """tree with each 0-D float64 CPU tensor viewed as shape [1], and the indices of those leaves.
 
     Dynamo gives every 0-D float64 CPU input (our hyperparameters) a float symbol that its tensorify pass
-    cannot use and then specializes by restarting the whole trace (pytorch#140346): 4 s of a cold compile.
+    cannot use and then specializes by restarting the whole trace (pytorch#140346): 3 s of a 31 s cold compile.
     A [1]-shaped view of the same memory is an ordinary input; the compiled function views it back."""
     lifted = []
 

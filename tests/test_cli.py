@@ -199,7 +199,7 @@ def test_auto_dtype_asks_the_cpu_for_native_bfloat16(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert resolve_dtype("auto", cpu) == expected
-        assert resolve_dtype("float32", cpu) is None and resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_dtype("float32", cpu) is None and resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("mps")) is None
 
 

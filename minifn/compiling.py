@@ -13,8 +13,11 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from minifn.precompiled import saved_compile
 
 MODES = ("auto", "on", "off")
 
@@ -107,7 +110,9 @@ def maybe_compile(fn: Callable, mode: str, device: torch.device | str) -> Callab
         return fn
     if reason:
         raise CompileError(f"--compile on is impossible here: {reason}")
-    inner = torch.compile(_lowering_scalars(fn), fullgraph=True, dynamic=False)
+    lowered = _lowering_scalars(fn)
+    inner = (saved_compile(lowered, Path(inductor_cache_dir()) / "minifn-steps")
+             or torch.compile(lowered, fullgraph=True, dynamic=False))
 
     def compiled(*args, **kwargs):
         return inner(*_lift_scalars((args, kwargs)))

@@ -43,6 +43,17 @@ def recorded_seed():
     return seed
 
 
+@pytest.fixture(autouse=True)
+def compiled_steps_are_saved():
+    """Every step a test compiles is saved for the next run: AOT precompile is experimental, and a step that
+    falls back to an ordinary compile (or whose closure will not pickle) would lose that silently."""
+    from minifn.precompiled import stats
+
+    before = stats["ordinary"], stats["unsaved"]
+    yield
+    assert (stats["ordinary"], stats["unsaved"]) == before, "a compiled step could not be saved"
+
+
 def invoke(*args, **kwargs):
     """Run the minifn CLI in-process; arguments may be paths or numbers."""
     from minifn.cli import cli
@@ -84,7 +95,10 @@ def pytest_configure(config):
 
 
 def unique_graphs() -> int:
-    """Graphs compiled so far in this process (read before and after; never reset, fixtures share caches)."""
+    """Graphs compiled, or loaded from an earlier run's saved steps, so far in this process (read before and
+    after; never reset, fixtures share caches)."""
     from torch._dynamo.utils import counters
 
-    return counters["stats"]["unique_graphs"]
+    from minifn.precompiled import stats
+
+    return counters["stats"]["unique_graphs"] + stats["loaded"]

@@ -18,9 +18,10 @@ def update(params: dict, hyper: Hyper, scale: torch.Tensor):
     return new, hyper._replace(count=hyper.count + 1)
 
 
-def test_float64_scalars_compile_in_one_pass_and_stay_data():
+def test_float64_scalars_compile_in_one_pass_and_stay_data(tmp_path, monkeypatch):
     """Dynamo restarts its trace for each 0-D float64 CPU input it cannot tensorify (pytorch#140346);
     maybe_compile passes them as [1] views, so one trace suffices, and a new value reuses the graph."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a step saved by an earlier run is not traced
     torch._dynamo.reset()
     counters.clear()
     step = maybe_compile(update, "on", "cpu")

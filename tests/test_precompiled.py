@@ -1,0 +1,184 @@
+"""Compiled steps saved to disk: loaded instead of traced, and never loaded where they would compute
+something else (another closure, other shapes, changed source, a damaged file)."""
+
+import functools
+import importlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+
+import minifn.precompiled as precompiled
+from conftest import ROOT, tiny_config
+from minifn import optim
+from minifn.compiling import maybe_compile
+from minifn.config import ModelConfig
+from minifn.precompiled import fingerprint, saved_compile, stats
+
+pytestmark = pytest.mark.slow
+TINY = dict(vocab_size=61, embed_dim=32, num_layers=2, num_heads=4, head_dim=12, ff_dim=48, max_seq_len=16)
+
+
+def affine(x, w, scale):
+    return torch.tanh(x @ w) * scale
+
+
+def inputs(rows=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 4, generator=g), torch.randn(4, 5, generator=g)
+
+
+def traced_calls(monkeypatch) -> list:
+    """A list that grows by one each time dynamo traces a function for AOT precompile."""
+    import torch._dynamo.convert_frame as convert_frame
+
+    calls, trace = [], convert_frame.fullgraph_capture
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return trace(*args, **kwargs)
+
+    monkeypatch.setattr(convert_frame, "fullgraph_capture", counting)
+    return calls
+
+
+def test_a_saved_function_is_loaded_without_tracing_and_computes_the_same(tmp_path, monkeypatch):
+    fn = functools.partial(affine, scale=2.0)
+    x, w = inputs()
+    traced = traced_calls(monkeypatch)
+    first = saved_compile(fn, tmp_path)(x, w)
+    assert len(traced) == 1 and len(list(tmp_path.glob("*.bin"))) == 1
+    loaded_before = stats["loaded"]
+    again = saved_compile(fn, tmp_path)  # a new process would build a new one, exactly like this
+    out = again(x, w)
+    out_other_values = again(*inputs(seed=1))  # new values, same shapes: the same compiled function
+    assert len(traced) == 1 and stats["loaded"] == loaded_before + 1
+    torch.testing.assert_close(out, first, rtol=0, atol=0)
+    torch.testing.assert_close(out, torch.tanh(x @ w) * 2.0)
+    torch.testing.assert_close(out_other_values, affine(*inputs(seed=1), 2.0))
+
+
+def test_another_closure_or_shape_is_compiled_anew_not_loaded(tmp_path, monkeypatch):
+    x, w = inputs()
+    saved_compile(functools.partial(affine, scale=2.0), tmp_path)(x, w)
+    traced = traced_calls(monkeypatch)
+    triple = saved_compile(functools.partial(affine, scale=3.0), tmp_path)
+    torch.testing.assert_close(triple(x, w), affine(x, w, 3.0))
+    long_x, _ = inputs(rows=7)
+    torch.testing.assert_close(triple(long_x, w), affine(long_x, w, 3.0))
+    torch.testing.assert_close(triple(x, w), affine(x, w, 3.0))  # the first shape's entry, not a third compile
+    assert len(traced) == 2 and len(list(tmp_path.glob("*.bin"))) == 3
+
+
+def test_a_saved_function_whose_traced_source_changed_is_compiled_again(tmp_path, monkeypatch):
+    """The name of the file covers the function's own code, not the helpers it calls; the traced-source
+    check must catch a changed helper, or the run would silently use the old computation."""
+    name = f"helper_{uuid.uuid4().hex[:8]}"
+    module_path = tmp_path / "src" / f"{name}.py"
+    module_path.parent.mkdir()
+    body = "def scale(x):\n    return x * {}\n\n\ndef outer(x):\n    return scale(x) + 1\n"
+    module_path.write_text(body.format(2))
+    monkeypatch.syspath_prepend(str(module_path.parent))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    helper = importlib.import_module(name)
+    x = torch.arange(4.0)
+    torch.testing.assert_close(saved_compile(helper.outer, tmp_path)(x), x * 2 + 1)
+
+    module_path.write_text(body.format(30))  # another length too, so no mtime granularity can hide it
+    helper = importlib.reload(helper)
+    compiled_before = stats["compiled"]
+    torch.testing.assert_close(saved_compile(helper.outer, tmp_path)(x), x * 30 + 1)
+    assert stats["compiled"] == compiled_before + 1
+
+
+def test_a_damaged_file_is_compiled_again_and_replaced(tmp_path):
+    fn = functools.partial(affine, scale=2.0)
+    x, w = inputs()
+    saved_compile(fn, tmp_path)(x, w)
+    (path,) = tmp_path.glob("*.bin")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])  # an interrupted copy, say
+    compiled_before = stats["compiled"]
+    torch.testing.assert_close(saved_compile(fn, tmp_path)(x, w), affine(x, w, 2.0))
+    assert stats["compiled"] == compiled_before + 1
+    loaded_before = stats["loaded"]
+    torch.testing.assert_close(saved_compile(fn, tmp_path)(x, w), affine(x, w, 2.0))
+    assert stats["loaded"] == loaded_before + 1  # the replacement is whole
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_where_aot_precompile_fails_the_function_compiles_the_ordinary_way(tmp_path, monkeypatch):
+    import torch._dynamo.aot_compile
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("pretend this torch cannot precompile it")
+
+    monkeypatch.setattr(torch._dynamo.aot_compile, "aot_compile_fullgraph", unsupported)
+    ordinary_before = stats["ordinary"]
+    x, w = inputs()
+    step = saved_compile(functools.partial(affine, scale=2.0), tmp_path)
+    torch.testing.assert_close(step(x, w), affine(x, w, 2.0))
+    torch.testing.assert_close(step(*inputs(seed=2)), affine(*inputs(seed=2), 2.0))
+    assert stats["ordinary"] == ordinary_before + 1 and not list(tmp_path.glob("*.bin"))
+    stats["ordinary"] = ordinary_before  # deliberate: keep the suite's every-step-is-saved check meaningful
+
+
+class Scaler:
+    """An object fingerprint does not know: a function closing over it is compiled but never saved."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+
+def test_a_function_that_cannot_be_named_is_compiled_but_never_saved(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    scaler = Scaler(4.0)
+    step = maybe_compile(lambda x: x * scaler.factor, "on", "cpu")
+    torch.testing.assert_close(step(torch.arange(3.0)), torch.arange(3.0) * 4.0)
+    assert not (tmp_path / "minifn-steps").exists() or not list((tmp_path / "minifn-steps").iterdir())
+    with pytest.raises(precompiled.Unnameable):
+        fingerprint(lambda x: x * scaler.factor)
+
+
+def test_fingerprint_is_equal_for_equal_computations_and_differs_otherwise():
+    config = TINY
+    same = [fingerprint((ModelConfig(**config), optim.adamw(lr=1e-3, weight_decay=0.1))) for _ in range(2)]
+    assert same[0] == same[1]
+    others = [
+        (ModelConfig(**{**config, "num_layers": 3}), optim.adamw(lr=1e-3, weight_decay=0.1)),
+        (ModelConfig(**config), optim.adam(lr=1e-3, weight_decay=0.1)),
+        (ModelConfig(**config), optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(lr=1e-3, weight_decay=0.1))),
+        (ModelConfig(**config), optim.adamw(lr=1e-3, weight_decay=0.1, amsgrad=True)),
+    ]
+    assert len({same[0], *(fingerprint(o) for o in others)}) == 1 + len(others)
+    assert fingerprint(torch.tensor([1.0, 2.0])) != fingerprint(torch.tensor([1.0, 3.0]))
+
+
+def test_the_train_step_a_process_saves_is_loaded_by_the_next(tmp_path):
+    """Two processes build test_step's tiny compiled train step; the second loads what the first saved (or
+    what an earlier test saved), traces nothing, and takes the same step bit for bit."""
+    assert tiny_config() == ModelConfig(**TINY)
+    script = (
+        "import json, torch\n"
+        "from minifn import optim\n"
+        "from minifn.config import ModelConfig\n"
+        "from minifn.model import init_params\n"
+        "from minifn.precompiled import stats\n"
+        "from minifn.step import init_state, make_train_step\n"
+        f"CONFIG = ModelConfig(**{TINY!r})\n"
+        "ADAMW = optim.adamw(lr=3e-3, weight_decay=0.1)\n"
+        "step = make_train_step(CONFIG, ADAMW, compile='on')\n"
+        "tokens = torch.randint(0, CONFIG.vocab_size, (4, CONFIG.max_seq_len + 1), generator=torch.Generator()"
+        ".manual_seed(0))\n"
+        "state, metrics = step(init_state(init_params(CONFIG, seed=0), ADAMW), (tokens[:, :-1], tokens[:, 1:]))\n"
+        "print(json.dumps({'stats': dict(stats), 'loss': metrics['loss'].item(),"
+        " 'norm': sum(p.double().square().sum() for p in state.params.values()).item()}))\n")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                                      env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+            for _ in range(2)]
+    assert runs[1]["stats"] == {"loaded": 1}
+    assert (runs[1]["loss"], runs[1]["norm"]) == (runs[0]["loss"], runs[0]["norm"])

@@ -5,14 +5,16 @@ start at the seed and bench shapes. torch's AOT precompile (`torch.compile(fn).a
 torch 2.13) saves the traced, compiled function whole. A saved function is reused only when it would
 compile the same thing, so its file is named by a hash of everything that decides what it computes:
 
-  - the function: code, defaults and closure, recursively (configs, optimizer closures, partials);
+  - the function: code, defaults, closure and the globals it uses, recursively (configs, optimizer
+    closures, partials, helpers); functions of Python and installed packages by name, since their
+    versions and traced lines are checked anyway;
   - minifn's source, torch's and Python's versions, dynamo's and inductor's settings;
   - the inputs: tree structure, shapes, strides, dtypes, devices.
 
 Before a loaded function runs, every source file it traced must be unchanged and its guards (tensor
 metadata, grad mode, autocast) must accept the inputs; otherwise it is compiled again and replaced. A
-function holding something this module cannot name (an arbitrary object in a closure) is compiled the
-ordinary way and never saved.
+function holding something this module cannot describe (an arbitrary object in a closure) is compiled the
+ordinary way and never saved; a global of such a type (a logger) is described by its type alone.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import importlib
 import inspect
 import os
 import sys
+import sysconfig
 import tempfile
 import types
 from collections.abc import Callable
@@ -43,65 +46,122 @@ class Unnameable(TypeError):
     """An object whose meaning fingerprint cannot pin down, so a function holding it is never saved."""
 
 
-def _describe(obj, seen: set[int]):
-    """A nested tuple of strings that equals another object's only if the two compute the same thing."""
-    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device,
-                                       torch.memory_format, torch.layout, enum.Enum)):
-        return (type(obj).__qualname__, repr(obj))
-    if isinstance(obj, type):
-        return ("type", obj.__module__, obj.__qualname__)
-    if id(obj) in seen:  # a recursive closure (a function that calls itself by name)
-        return ("seen",)
-    seen = seen | {id(obj)}
-    if isinstance(obj, functools.partial):
-        return ("partial", _describe(obj.func, seen), _describe(obj.args, seen), _describe(obj.keywords, seen))
-    if isinstance(obj, types.FunctionType):
-        cells = tuple(c.cell_contents if c.cell_contents is not obj else None for c in obj.__closure__ or ())
-        return ("function", obj.__module__, obj.__qualname__, _describe(obj.__code__, seen),
-                _describe(obj.__defaults__, seen), _describe(obj.__kwdefaults__, seen), _describe(cells, seen))
-    if isinstance(obj, types.CodeType):
-        return ("code", obj.co_code.hex(), obj.co_names, _describe(obj.co_consts, seen))
-    if isinstance(obj, (types.BuiltinFunctionType, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return ("builtin", getattr(obj, "__module__", ""), getattr(obj, "__qualname__", repr(obj)))
-    if isinstance(obj, types.MethodType):
-        return ("method", _describe(obj.__func__, seen), _describe(obj.__self__, seen))
-    if isinstance(obj, torch.Tensor):
-        data = obj.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-        return ("tensor", str(obj.dtype), tuple(obj.shape), str(obj.device), hashlib.sha256(data).hexdigest())
-    if isinstance(obj, (tuple, list)):
-        return (type(obj).__module__, type(obj).__qualname__, tuple(_describe(x, seen) for x in obj))
-    if isinstance(obj, (set, frozenset)):
-        return (type(obj).__qualname__, tuple(sorted(repr(_describe(x, seen)) for x in obj)))
-    if isinstance(obj, dict):
-        return ("dict", tuple(sorted((repr(k), _describe(v, seen)) for k, v in obj.items())))
-    if dataclasses.is_dataclass(obj):
-        fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-        return ("dataclass", _describe(type(obj), seen), _describe(fields, seen))
-    raise Unnameable(f"cannot fingerprint a {type(obj).__module__}.{type(obj).__qualname__}")
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple(os.path.realpath(paths[k]) + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib"))
+
+
+@functools.cache
+def _is_library(module_name: str) -> bool:
+    """Python's own modules and installed packages: pinned by their versions in the environment key, and
+    their traced lines by the source check on load, so their functions are named, not described."""
+    file = getattr(sys.modules.get(module_name), "__file__", None)
+    return file is None or os.path.realpath(file).startswith(_library_dirs())
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """Global (and attribute) names a function's code, and the code nested in it, refers to."""
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
+
+
+def _cell_contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not filled yet
+        return None
+
+
+def _describer() -> Callable:
+    """describe(obj): a nested tuple of strings, equal for two objects only if they compute the same thing.
+    Functions are described by code, defaults, closure and the globals they use, recursively (memoized)."""
+    memo: dict[int, tuple] = {}  # id -> (obj, description): holding obj keeps its id from being reused
+
+    def function(fn: types.FunctionType) -> tuple:
+        if _is_library(fn.__module__):
+            return ("library function", fn.__module__, fn.__qualname__)
+        cells = tuple(_cell_contents(c) for c in fn.__closure__ or ())
+        used = {name: fn.__globals__[name] for name in sorted(_names(fn.__code__)) if name in fn.__globals__}
+        return ("function", fn.__module__, fn.__qualname__, describe(fn.__code__), describe(fn.__defaults__),
+                describe(fn.__kwdefaults__), describe(cells), tuple((k, global_value(v)) for k, v in used.items()))
+
+    def global_value(value) -> tuple:
+        if isinstance(value, types.ModuleType):
+            return ("module", value.__name__)
+        try:
+            return describe(value)
+        except Unnameable:  # a logger, a registry: named by type (see the module docstring)
+            return ("object", type(value).__module__, type(value).__qualname__)
+
+    def describe(obj) -> tuple:
+        if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+                                           torch.memory_format, torch.layout, enum.Enum)):
+            return (type(obj).__qualname__, repr(obj))
+        if isinstance(obj, type):
+            return ("type", obj.__module__, obj.__qualname__)
+        if id(obj) in memo:
+            return memo[id(obj)][1]
+        memo[id(obj)] = obj, ("cycle",)  # what a reference back to obj from inside it describes as
+        described = describe_new(obj)
+        memo[id(obj)] = obj, described
+        return described
+
+    def describe_new(obj) -> tuple:
+        if isinstance(obj, functools.partial):
+            return ("partial", describe(obj.func), describe(obj.args), describe(obj.keywords))
+        if isinstance(obj, types.FunctionType):
+            return function(obj)
+        if isinstance(obj, types.CodeType):
+            return ("code", obj.co_code.hex(), obj.co_names, describe(obj.co_consts))
+        if isinstance(obj, (types.BuiltinFunctionType, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            return ("builtin", getattr(obj, "__module__", ""), getattr(obj, "__qualname__", repr(obj)))
+        if isinstance(obj, types.MethodType):
+            return ("method", describe(obj.__func__), describe(obj.__self__))
+        if isinstance(obj, torch.Tensor):
+            data = obj.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            return ("tensor", str(obj.dtype), tuple(obj.shape), str(obj.device), hashlib.sha256(data).hexdigest())
+        if isinstance(obj, (tuple, list)):
+            return (type(obj).__module__, type(obj).__qualname__, tuple(describe(x) for x in obj))
+        if isinstance(obj, (set, frozenset)):
+            return (type(obj).__qualname__, tuple(sorted(repr(describe(x)) for x in obj)))
+        if isinstance(obj, dict):
+            return ("dict", tuple(sorted((repr(k), describe(v)) for k, v in obj.items())))
+        if dataclasses.is_dataclass(obj):
+            return ("dataclass", describe(type(obj)), describe({f.name: getattr(obj, f.name)
+                                                               for f in dataclasses.fields(obj)}))
+        raise Unnameable(f"cannot fingerprint a {type(obj).__module__}.{type(obj).__qualname__}")
+
+    return describe
 
 
 def fingerprint(obj) -> str:
     """sha256 of what obj computes (raises Unnameable for an object it cannot describe)."""
-    return hashlib.sha256(repr(_describe(obj, set())).encode()).hexdigest()
+    return hashlib.sha256(repr(_describer()(obj)).encode()).hexdigest()
 
 
 @functools.cache
-def _environment() -> str:
-    """Everything outside the function and its inputs that changes what a compile produces."""
+def _minifn_source() -> str:
     root = Path(__file__).resolve().parent
     sources = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         sources.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    return sources.hexdigest()
+
+
+def _environment() -> str:
+    """Everything outside the function and its inputs that changes what a compile produces (the settings
+    are read at each compile: a script may change them between two)."""
     settings = (torch._dynamo.config.save_config_portable(), torch._inductor.config.save_config_portable(),
                 torch._functorch.config.save_config_portable())
-    return fingerprint((torch.__version__, sys.version, sources.hexdigest(), settings))
+    return fingerprint((torch.__version__, sys.version, _minifn_source(), settings))
 
 
 def _inputs(args: tuple) -> tuple:
     """The inputs' tree structure and, per leaf, tensor metadata or the value itself."""
     leaves, spec = optree.tree_flatten(args, none_is_leaf=True)
+    describe = _describer()
     described = tuple((tuple(x.shape), x.stride(), str(x.dtype), str(x.device), x.requires_grad)
-                      if isinstance(x, torch.Tensor) else _describe(x, set()) for x in leaves)
+                      if isinstance(x, torch.Tensor) else describe(x) for x in leaves)
     return (str(spec), described, torch.is_grad_enabled(), torch.is_autocast_enabled())
 
 

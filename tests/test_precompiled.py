@@ -74,25 +74,46 @@ def test_another_closure_or_shape_is_compiled_anew_not_loaded(tmp_path, monkeypa
     assert len(traced) == 2 and len(list(tmp_path.glob("*.bin"))) == 3
 
 
-def test_a_saved_function_whose_traced_source_changed_is_compiled_again(tmp_path, monkeypatch):
-    """The name of the file covers the function's own code, not the helpers it calls; the traced-source
-    check must catch a changed helper, or the run would silently use the old computation."""
+def edited_module(tmp_path, monkeypatch, texts: list[str]):
+    """A fresh module written from each text in turn, imported and then reloaded (no .pyc, so that every
+    edit is seen); yields the module after each."""
     name = f"helper_{uuid.uuid4().hex[:8]}"
-    module_path = tmp_path / "src" / f"{name}.py"
-    module_path.parent.mkdir()
-    body = "def scale(x):\n    return x * {}\n\n\ndef outer(x):\n    return scale(x) + 1\n"
-    module_path.write_text(body.format(2))
-    monkeypatch.syspath_prepend(str(module_path.parent))
+    path = tmp_path / "src" / f"{name}.py"
+    path.parent.mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(path.parent))
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    helper = importlib.import_module(name)
-    x = torch.arange(4.0)
-    torch.testing.assert_close(saved_compile(helper.outer, tmp_path)(x), x * 2 + 1)
+    module = None
+    for text in texts:
+        path.write_text(text)
+        module = importlib.import_module(name) if module is None else importlib.reload(module)
+        yield module
 
-    module_path.write_text(body.format(30))  # another length too, so no mtime granularity can hide it
-    helper = importlib.reload(helper)
+
+def test_a_saved_function_whose_traced_source_changed_is_compiled_again(tmp_path, monkeypatch):
+    """The file's name covers outer's code, and scale's through outer's globals; should both miss a change,
+    the traced-source check on load must catch it, or the run would silently use the old computation."""
+    body = "def scale(x):\n    return x * {}\n\n\ndef outer(x):\n    return scale(x) + 1\n"
+    x = torch.arange(4.0)
+    for factor, helper in zip((2, 30), edited_module(tmp_path, monkeypatch, [body.format(2), body.format(30)])):
+        compiled_before = stats["compiled"]
+        torch.testing.assert_close(saved_compile(helper.outer, tmp_path)(x), x * factor + 1)
+        assert stats["compiled"] == compiled_before + 1
+    monkeypatch.setattr(precompiled, "fingerprint", lambda obj: "the same name whatever the function")
     compiled_before = stats["compiled"]
-    torch.testing.assert_close(saved_compile(helper.outer, tmp_path)(x), x * 30 + 1)
-    assert stats["compiled"] == compiled_before + 1
+    for factor, helper in zip((2, 30), edited_module(tmp_path / "again", monkeypatch,
+                                                     [body.format(2), body.format(30)])):
+        torch.testing.assert_close(saved_compile(helper.outer, tmp_path)(x), x * factor + 1)
+    assert stats["compiled"] == compiled_before + 2  # scale's changed lines, not the name, forced it
+
+
+def test_a_changed_global_value_is_compiled_anew(tmp_path, monkeypatch):
+    """Dynamo bakes a global constant into the graph and its guard on it is not saved; the name must
+    change with the value, though no traced line does."""
+    body = "FACTOR = {}\n\n\ndef outer(x):\n    return x * FACTOR\n"
+    x = torch.arange(4.0)
+    for factor, helper in zip((2, 30), edited_module(tmp_path, monkeypatch, [body.format(2), body.format(30)])):
+        torch.testing.assert_close(saved_compile(helper.outer, tmp_path)(x), x * factor)
+    assert len(list(tmp_path.glob("*.bin"))) == 2
 
 
 def test_a_damaged_file_is_compiled_again_and_replaced(tmp_path):

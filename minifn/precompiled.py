@@ -183,9 +183,7 @@ def _load(path: Path):
     try:
         with open(path, "rb") as f:
             compiled = torch.compiler.load_compiled_function(f)
-    except FileNotFoundError:
-        return None
-    except Exception:  # noqa: BLE001 - a damaged or incompatible file is a cache miss: compile and replace it
+    except Exception:  # noqa: BLE001 - missing, damaged or from another torch: a miss; compile and replace it
         return None
     return compiled if _sources_unchanged(compiled) else None
 
@@ -242,10 +240,11 @@ def saved_compile(fn: Callable, directory: Path) -> Callable | None:
         if not ordinary:
             try:
                 entries.append(entry_for(args))
-                return entries[-1](*args)
             except Exception:  # noqa: BLE001 - AOT precompile is experimental: where it fails, compile as usual
                 stats["ordinary"] += 1
                 ordinary.append(torch.compile(fn, fullgraph=True, dynamic=False))
+            else:  # outside the try: an error in the step itself must not run it a second time
+                return entries[-1](*args)
         return ordinary[0](*args)
 
     return call

@@ -147,6 +147,31 @@ def test_where_aot_precompile_fails_the_function_compiles_the_ordinary_way(tmp_p
     stats["ordinary"] = ordinary_before  # deliberate: keep the suite's every-step-is-saved check meaningful
 
 
+runs_of_failing_op = []
+
+
+@torch.library.custom_op("minifn_test::fails_at_run_time", mutates_args=())
+def fails_at_run_time(x: torch.Tensor) -> torch.Tensor:
+    runs_of_failing_op.append(1)
+    raise ValueError("the step itself failed")
+
+
+@fails_at_run_time.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_an_error_in_the_first_step_itself_surfaces_and_the_step_runs_once(tmp_path):
+    """Only compiling falls back; a step that fails when it runs (an out-of-memory error, say) must not be
+    compiled the ordinary way and run again: with a donated state, its first run may have written it."""
+    step = saved_compile(lambda x: fails_at_run_time(x * 2), tmp_path)
+    ordinary_before = stats["ordinary"]
+    runs_of_failing_op.clear()
+    with pytest.raises(ValueError, match="the step itself failed"):
+        step(torch.ones(3))
+    assert len(runs_of_failing_op) == 1 and stats["ordinary"] == ordinary_before
+
+
 class Scaler:
     """An object fingerprint does not know: a function closing over it is compiled but never saved."""
 

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY_FLAGS, story_file
-from minifn import checkpoint
+from conftest import ROOT, TINY_FLAGS, relative_error, story_file, tiny_config
+from minifn import checkpoint, optim
 from minifn.data import batches
 from minifn.model import init_params
 from minifn.step import init_state, make_train_step
@@ -46,6 +46,23 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     diff = sum((rank0[k] - state.params[k]).square().sum() for k in rank0).sqrt()
     assert (diff / sum(v.square().sum() for v in state.params.values()).sqrt()).item() < 1e-5
     assert not torch.equal(state.params["embed.weight"], init_params(dp_worker.CONFIG, 0)["embed.weight"])
+
+
+@pytest.mark.slow
+def test_the_compiled_halves_of_a_data_parallel_step_equal_the_eager_step():
+    """With all_reduce, the step is two compiled graphs with the collective between them (and both are
+    saved for the next run: conftest checks it); with one rank's no-op all-reduce they take the eager steps."""
+    config, tx = tiny_config(), optim.adamw(lr=3e-3, weight_decay=0.1)
+    halves = make_train_step(config, tx, compile="on", all_reduce=lambda tensors: None)
+    eager = make_train_step(config, tx, compile="off")
+    params = init_params(config, seed=int(torch.randint(0, 1000, ())))
+    a, b = init_state(params, tx), init_state(params, tx)
+    tokens = torch.randint(0, config.vocab_size, (400,))
+    for batch in list(batches(tokens, 16, 8, 4))[:5]:
+        a, metrics_a = halves(a, batch)
+        b, metrics_b = eager(b, batch)
+        torch.testing.assert_close(metrics_a["loss"], metrics_b["loss"], rtol=1e-5, atol=0)
+    assert relative_error(a.params, b.params) < 1e-5 and int(a.step) == 5
 
 
 @pytest.mark.slow

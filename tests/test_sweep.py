@@ -85,7 +85,9 @@ def test_eager_members_equal_their_runs_alone_with_their_own_dropout_and_seed():
     for k, member in enumerate(unstack_trees(states)):
         solo = alone(params[k], members[k], batches_, base=dict(lr=1e-3), make=optim.adamw, seed=seeds[k],
                      dropout=rates[k])[0][-1]
-        assert_same(member, solo, ADAM_TOL, whole=True)
+        # Adam with dropout amplifies vmap's summation order most: whole-state error median 9e-7 over 40
+        # seeds, but 2.4e-5 at worst there and 5.8e-5 for CI's seed 971578746; a wrong mask or lr is >1e-3
+        assert_same(member, solo, 2e-4, whole=True)
         assert int(member.step) == STEPS
 
 

@@ -57,7 +57,9 @@ def _is_library(module_name: str) -> bool:
     """Python's own modules and installed packages: pinned by their versions in the environment key, and
     their traced lines by the source check on load, so their functions are named, not described."""
     file = getattr(sys.modules.get(module_name), "__file__", None)
-    return file is None or os.path.realpath(file).startswith(_library_dirs())
+    if file is None:  # builtins; but also `python -c`, exec'd code and notebooks, which must be described
+        return module_name in sys.builtin_module_names
+    return os.path.realpath(file).startswith(_library_dirs())
 
 
 def _names(code: types.CodeType) -> set[str]:

@@ -190,17 +190,21 @@ def test_a_function_that_cannot_be_named_is_compiled_but_never_saved(tmp_path, m
 
 
 def test_fingerprint_is_equal_for_equal_computations_and_differs_otherwise():
-    config = TINY
-    same = [fingerprint((ModelConfig(**config), optim.adamw(lr=1e-3, weight_decay=0.1))) for _ in range(2)]
+    same = [fingerprint((ModelConfig(**TINY), optim.adamw(lr=1e-3, weight_decay=0.1))) for _ in range(2)]
     assert same[0] == same[1]
     others = [
-        (ModelConfig(**{**config, "num_layers": 3}), optim.adamw(lr=1e-3, weight_decay=0.1)),
-        (ModelConfig(**config), optim.adam(lr=1e-3, weight_decay=0.1)),
-        (ModelConfig(**config), optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(lr=1e-3, weight_decay=0.1))),
-        (ModelConfig(**config), optim.adamw(lr=1e-3, weight_decay=0.1, amsgrad=True)),
+        (ModelConfig(**{**TINY, "num_layers": 3}), optim.adamw(lr=1e-3, weight_decay=0.1)),
+        (ModelConfig(**TINY), optim.adam(lr=1e-3, weight_decay=0.1)),
+        (ModelConfig(**TINY), optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(lr=1e-3, weight_decay=0.1))),
+        (ModelConfig(**TINY), optim.adamw(lr=1e-3, weight_decay=0.1, amsgrad=True)),
     ]
     assert len({same[0], *(fingerprint(o) for o in others)}) == 1 + len(others)
     assert fingerprint(torch.tensor([1.0, 2.0])) != fingerprint(torch.tensor([1.0, 3.0]))
+    # functions from a module with no file (`python -c`, exec, a notebook) are described, not just named
+    doubled, tripled = {}, {}
+    exec("def scale(x):\n    return x * 2\n", doubled)
+    exec("def scale(x):\n    return x * 3\n", tripled)
+    assert fingerprint(doubled["scale"]) != fingerprint(tripled["scale"])
 
 
 def test_the_train_step_a_process_saves_is_loaded_by_the_next(tmp_path):

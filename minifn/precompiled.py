@@ -8,7 +8,8 @@ compile the same thing, so its file is named by a hash of everything that decide
   - the function: code, defaults, closure and the globals it uses, recursively (configs, optimizer
     closures, partials, helpers); functions of Python and installed packages by name, since their
     versions and traced lines are checked anyway;
-  - minifn's source, torch's and Python's versions, dynamo's and inductor's settings;
+  - minifn's source, torch's and Python's versions, dynamo's and inductor's settings, and the pytree
+    node types registered so far (the saved code finds them by position);
   - the inputs: tree structure, shapes, strides, dtypes, devices.
 
 Before a loaded function runs, every source file it traced must be unchanged and its guards (tensor
@@ -155,7 +156,10 @@ def _environment() -> str:
     are read at each compile: a script may change them between two)."""
     settings = (torch._dynamo.config.save_config_portable(), torch._inductor.config.save_config_portable(),
                 torch._functorch.config.save_config_portable())
-    return fingerprint((torch.__version__, sys.version, _minifn_source(), settings))
+    # The saved code reaches registered pytree node types by their position in these registries (a process
+    # that registered other types first would index the wrong one), and its guards on them are not saved.
+    registries = (tuple(optree.registry._NODETYPE_REGISTRY), tuple(torch.utils._pytree.SUPPORTED_NODES))
+    return fingerprint((torch.__version__, sys.version, _minifn_source(), settings, registries))
 
 
 def _inputs(args: tuple) -> tuple:

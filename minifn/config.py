@@ -127,6 +127,9 @@ class ModelConfig(Settings):
             _check_number(name, getattr(self, name), type(getattr(self, name)), positive=True)
         if self.head_dim % 2:
             raise ConfigError(f"--head-dim must be even for rotary embeddings, got {self.head_dim}")
+        # A name for this shape that every process spells the same: compiled code finds the model's module
+        # skeleton by it (keyed by the object, a saved step would find it by its position in the dict).
+        object.__setattr__(self, "key", repr(self))
 
 
 @dataclass(frozen=True)

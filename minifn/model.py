@@ -129,18 +129,19 @@ class Transformer(nn.Module):
         return logits if cache is None else (logits, new_cache)
 
 
-_SKELETONS: dict[ModelConfig, Transformer] = {}
+_SKELETONS: dict[str, Transformer] = {}
 
 
 def skeleton(config: ModelConfig) -> Transformer:
     """The parameter-free module for a config (meta tensors only), built once and shared.
 
     A plain dict rather than lru_cache: torch.compile reads a dict entry as a constant but would trace
-    into an lru_cache'd builder. Call it once outside compiled code (init_params does)."""
-    if config not in _SKELETONS:
+    into an lru_cache'd builder. Keyed by the config's string key, which a saved compiled step can spell
+    in another process. Call it once outside compiled code (init_params does)."""
+    if config.key not in _SKELETONS:
         with torch.device("meta"):
-            _SKELETONS[config] = Transformer(config).requires_grad_(False)
-    return _SKELETONS[config]
+            _SKELETONS[config.key] = Transformer(config).requires_grad_(False)
+    return _SKELETONS[config.key]
 
 
 def apply(params: Params, tokens_BT: Tensor, config: ModelConfig, *, dropout_rate: float = 0.0,

@@ -156,10 +156,7 @@ def _environment() -> str:
     are read at each compile: a script may change them between two)."""
     settings = (torch._dynamo.config.save_config_portable(), torch._inductor.config.save_config_portable(),
                 torch._functorch.config.save_config_portable())
-    # The saved code reaches registered pytree node types by their position in these registries (a process
-    # that registered other types first would index the wrong one), and its guards on them are not saved.
-    registries = (tuple(optree.registry._NODETYPE_REGISTRY), tuple(torch.utils._pytree.SUPPORTED_NODES))
-    return fingerprint((torch.__version__, sys.version, _minifn_source(), settings, registries))
+    return fingerprint((torch.__version__, sys.version, _minifn_source(), settings))
 
 
 def _inputs(args: tuple) -> tuple:

@@ -232,3 +232,30 @@ def test_the_train_step_a_process_saves_is_loaded_by_the_next(tmp_path):
             for _ in range(2)]
     assert runs[1]["stats"] == {"loaded": 1}
     assert (runs[1]["loss"], runs[1]["norm"]) == (runs[0]["loss"], runs[0]["norm"])
+
+
+def test_a_saved_step_finds_its_model_in_a_process_that_built_other_models_first(tmp_path):
+    """The saved code reaches the config's module skeleton by key. Keyed by position in the skeleton dict,
+    a step saved where another model was built first failed (StopIteration) in a process without it."""
+    config = dict(vocab_size=53, embed_dim=16, num_layers=1, num_heads=2, head_dim=8, ff_dim=24, max_seq_len=12)
+    script = (
+        "import json, sys, torch\n"
+        "from minifn.config import ModelConfig\n"
+        "from minifn.generate import generate, make_decode_step\n"
+        "from minifn.model import init_params, skeleton\n"
+        "from minifn.precompiled import stats\n"
+        f"CONFIG = ModelConfig(**{config!r})\n"
+        "if sys.argv[1] == 'other-first':\n"
+        "    skeleton(ModelConfig(**{**CONFIG.to_dict(), 'vocab_size': 59}))\n"
+        "decode = make_decode_step(CONFIG, compile='on')\n"
+        "ids = list(generate(init_params(CONFIG, seed=1), [1, 2], CONFIG, max_new_tokens=6, decode=decode,"
+        " temperature=0))\n"
+        "print(json.dumps({'stats': dict(stats), 'ids': ids}))\n")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    runs = []
+    for order in ("other-first", "alone"):
+        proc = subprocess.run([sys.executable, "-c", script, order], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-1500:]
+        runs.append(json.loads(proc.stdout.splitlines()[-1]))
+    assert runs[1]["stats"] == {"loaded": 1}
+    assert runs[1]["ids"] == runs[0]["ids"] and len(runs[0]["ids"]) == 6

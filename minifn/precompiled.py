@@ -196,9 +196,9 @@ def _save(compiled, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared cache from other users
     try:
         compiled.save_compiled_function(tmp)
+        os.chmod(tmp, 0o644)  # torch writes it 0600, which would keep a shared cache from other users
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -4,6 +4,7 @@ something else (another closure, other shapes, changed source, a damaged file)."
 import functools
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,7 +52,9 @@ def test_a_saved_function_is_loaded_without_tracing_and_computes_the_same(tmp_pa
     x, w = inputs()
     traced = traced_calls(monkeypatch)
     first = saved_compile(fn, tmp_path)(x, w)
-    assert len(traced) == 1 and len(list(tmp_path.glob("*.bin"))) == 1
+    saved = list(tmp_path.glob("*.bin"))
+    assert len(traced) == 1 and len(saved) == 1
+    assert saved[0].stat().st_mode & 0o777 == 0o644  # readable by the other users of a shared cache
     loaded_before = stats["loaded"]
     again = saved_compile(fn, tmp_path)  # a new process would build a new one, exactly like this
     out = again(x, w)
@@ -209,7 +212,7 @@ def test_fingerprint_is_equal_for_equal_computations_and_differs_otherwise():
 
 def test_the_train_step_a_process_saves_is_loaded_by_the_next(tmp_path):
     """Two processes build test_step's tiny compiled train step; the second loads what the first saved (or
-    what an earlier test saved), traces nothing, and takes the same step bit for bit."""
+    what an earlier test saved), traces nothing, and takes the same step."""
     assert tiny_config() == ModelConfig(**TINY)
     script = (
         "import json, torch\n"
@@ -230,8 +233,12 @@ def test_the_train_step_a_process_saves_is_loaded_by_the_next(tmp_path):
     runs = [json.loads(subprocess.run([sys.executable, "-c", script], cwd=ROOT,
                                       env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             for _ in range(2)]
-    assert runs[1]["stats"] == {"loaded": 1}
-    assert (runs[1]["loss"], runs[1]["norm"]) == (runs[0]["loss"], runs[0]["norm"])
+    assert runs[1]["stats"] == {"loaded": 1}, runs
+    # Equal here; one CI machine differed in the last bits of the parameters (norm 1e-11 relative) between the
+    # step compiled in the first process and the same step loaded in the second. A step that loaded another
+    # function, or stale code, moves the norm by about 1e-3.
+    assert math.isclose(runs[1]["loss"], runs[0]["loss"], rel_tol=1e-6), runs
+    assert math.isclose(runs[1]["norm"], runs[0]["norm"], rel_tol=1e-9), runs
 
 
 def test_a_saved_step_finds_its_model_in_a_process_that_built_other_models_first(tmp_path):

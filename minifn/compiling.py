@@ -21,6 +21,13 @@ from minifn.precompiled import saved_compile
 
 MODES = ("auto", "on", "off")
 
+# Inductor settings for a step with dropout. Its masks hash keys folded in per step, micro-batch, layer and
+# site, and each fold reads its key 8 times. Inductor inlines a reused result of up to 50 ops (30 on GPUs)
+# into every reader, so the inlined code grew as 8**depth: 85x the loop-body nodes of the step without
+# dropout and 3-5x its compile time. Realizing anything over 10 ops computes each key and mask once
+# (benchmarks/dropout_compile.py).
+DROPOUT_OPTIONS = {"realize_opcount_threshold": 10}
+
 
 class CompileError(RuntimeError):
     """torch.compile cannot work here: no compiler, or a damaged artifact in inductor's cache."""
@@ -99,8 +106,9 @@ def _lowering_scalars(fn: Callable) -> Callable:
     return lowered
 
 
-def maybe_compile(fn: Callable, mode: str, device: torch.device | str) -> Callable:
-    """fn compiled per mode ('auto', 'on', 'off'); see the module docstring for the fallback rule."""
+def maybe_compile(fn: Callable, mode: str, device: torch.device | str, options: dict | None = None) -> Callable:
+    """fn compiled per mode ('auto', 'on', 'off'), with inductor options (as torch.compile's); see the module
+    docstring for the fallback rule."""
     if mode not in MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose one of: {', '.join(MODES)}")
     reason = cannot_compile(torch.device(device))
@@ -111,8 +119,8 @@ def maybe_compile(fn: Callable, mode: str, device: torch.device | str) -> Callab
     if reason:
         raise CompileError(f"--compile on is impossible here: {reason}")
     lowered = _lowering_scalars(fn)
-    inner = (saved_compile(lowered, Path(inductor_cache_dir()) / "minifn-steps")
-             or torch.compile(lowered, fullgraph=True, dynamic=False))
+    inner = (saved_compile(lowered, Path(inductor_cache_dir()) / "minifn-steps", options)
+             or torch.compile(lowered, fullgraph=True, dynamic=False, options=options))
 
     def compiled(*args, **kwargs):
         return inner(*_lift_scalars((args, kwargs)))

@@ -205,18 +205,18 @@ def _save(compiled, path: Path) -> None:
             os.remove(tmp)
 
 
-def saved_compile(fn: Callable, directory: Path) -> Callable | None:
-    """fn compiled (fullgraph, static shapes) and saved under directory, one file per input signature;
-    None where fn cannot be named (compile it the ordinary way), this torch has no AOT precompile, or
-    inductor's caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1)."""
+def saved_compile(fn: Callable, directory: Path, options: dict | None = None) -> Callable | None:
+    """fn compiled (fullgraph, static shapes, with inductor options as torch.compile's) and saved under
+    directory, one file per input signature; None where fn cannot be named (compile it the ordinary way),
+    this torch has no AOT precompile, or inductor's caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1)."""
     if torch._inductor.config.force_disable_caches:
         return None
     try:
-        name = fingerprint((fn, _environment()))
+        name = fingerprint((fn, options, _environment()))
     except Unnameable:
         return None
     compiler = torch.compile(fn, fullgraph=True, dynamic=False,
-                             options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
+                             options={**(options or {}), "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
     if not hasattr(compiler, "aot_compile"):
         return None
     entries, ordinary = [], []

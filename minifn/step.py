@@ -22,7 +22,7 @@ from torch import Tensor
 
 from minifn import ema as moving_average
 from minifn import noise, optim, rng
-from minifn.compiling import maybe_compile
+from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import IGNORE_INDEX, Loss, cross_entropy
 from minifn.model import Params, apply, skeleton
@@ -236,10 +236,11 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
         step = functools.partial(train_step, config=config, optimizer=optimizer, loss_fn=loss_fn, reduction=reduction,
                                  autocast_dtype=autocast_dtype, dropout_rate=dropout_rate, inplace=inplace,
                                  ema_debias=ema_debias, log_gns=log_gns)
-        return maybe_compile(step, compile, device)
+        return maybe_compile(step, compile, device, DROPOUT_OPTIONS if dropout_rate else None)
     grads_fn = maybe_compile(functools.partial(loss_and_grads, config=config, loss_fn=loss_fn,
                                                autocast_dtype=autocast_dtype, dropout_rate=dropout_rate,
-                                               log_gns=log_gns), compile, device)
+                                               log_gns=log_gns), compile, device,
+                             DROPOUT_OPTIONS if dropout_rate else None)
     apply_fn = maybe_compile(functools.partial(apply_gradients, optimizer=optimizer, reduction=reduction,
                                                inplace=inplace, ema_debias=ema_debias), compile, device)
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from minifn import optim
-from minifn.compiling import maybe_compile
+from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import Loss, cross_entropy
 from minifn.model import Params, skeleton
@@ -106,5 +106,5 @@ def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation
         rates = torch.tensor(dropout_rates, dtype=torch.float64, device=device)  # [K]: per member, as data
     step = functools.partial(sweep_step, config=config, optimizer=optimizer, loss_fn=loss_fn, reduction=reduction,
                              autocast_dtype=autocast_dtype, ema_debias=ema_debias, log_gns=log_gns)
-    compiled = maybe_compile(step, compile, device)
+    compiled = maybe_compile(step, compile, device, None if rates is None else DROPOUT_OPTIONS)
     return compiled if rates is None else (lambda states, batch: compiled(states, batch, rates))

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import minifn.step as step_module
 from conftest import relative_error as rel
 from conftest import tiny_config, unique_graphs
 from minifn import optim
 from minifn.checkpoint import load_state, make_header
+from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import Config, OptimConfig
 from minifn.data import batches
 from minifn.loop import DataSpec, Interrupted, fit
@@ -218,6 +220,26 @@ def test_dropout_draws_from_the_state_key_and_the_step():
     assert not torch.equal(one_step(1, 0.2), one_step(2, 0.2))
     assert not torch.equal(one_step(1, 0.2), one_step(1, 0.2, step=1))
     assert not torch.equal(one_step(1, 0.2), one_step(1, 0.0))
+
+
+@pytest.mark.slow
+def test_compiled_dropout_step_draws_the_eager_masks(monkeypatch):
+    """make_train_step compiles dropout with DROPOUT_OPTIONS (each key and mask computed once): the same
+    masks as eager, so the same loss and parameters to float rounding; another key differs by far more."""
+    passed = []
+    monkeypatch.setattr(step_module, "maybe_compile",
+                        lambda fn, *args: passed.append(args[2:]) or maybe_compile(fn, *args))
+    compiled = make_train_step(CONFIG, ADAMW, dropout_rate=0.3, compile="on")
+    assert passed == [(DROPOUT_OPTIONS,)]
+    eager = make_train_step(CONFIG, ADAMW, dropout_rate=0.3, compile="off")
+    params = init_params(CONFIG, seed=int(torch.randint(0, 1000, ())))
+    batch = next(batches(random_tokens(), 16, 8, 4))
+    (a, m_a), (b, m_b) = (step(init_state(params, ADAMW, seed=3), batch) for step in (compiled, eager))
+    (a, m_a), (b, m_b) = compiled(a, batch), eager(b, batch)
+    torch.testing.assert_close(m_a["loss"], m_b["loss"], rtol=1e-5, atol=0)
+    assert rel(a.params, b.params) < 1e-5
+    other, _ = eager(init_state(params, ADAMW, seed=4), batch)
+    assert rel(other.params, b.params) > 1e-3
 
 
 def DECAY(s, lr):

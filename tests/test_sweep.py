@@ -85,9 +85,10 @@ def test_eager_members_equal_their_runs_alone_with_their_own_dropout_and_seed():
     for k, member in enumerate(unstack_trees(states)):
         solo = alone(params[k], members[k], batches_, base=dict(lr=1e-3), make=optim.adamw, seed=seeds[k],
                      dropout=rates[k])[0][-1]
-        # Adam with dropout amplifies vmap's summation order most: whole-state error median 9e-7 over 40
-        # seeds, but 2.4e-5 at worst there and 5.8e-5 for CI's seed 971578746; a wrong mask or lr is >1e-3
-        assert_same(member, solo, 2e-4, whole=True)
+        # Adam with dropout at lr 3e-2 amplifies vmap's summation order most: whole-state error below 1e-6
+        # for most seeds but heavy-tailed, 2.6e-4 at worst over 200 (seed 80). A dropout rate of 0.19 for 0.2
+        # gives 0.4, another seed 0.75, and an lr 3% off 6e-2.
+        assert_same(member, solo, 2e-3, whole=True)
         assert int(member.step) == STEPS
 
 

@@ -24,7 +24,7 @@ MODES = ("auto", "on", "off")
 # Inductor settings for a step with dropout. Its masks hash keys folded in per step, micro-batch, layer and
 # site, and each fold reads its key 8 times. Inductor inlines a reused result of up to 50 ops (30 on GPUs)
 # into every reader, so the inlined code grew as 8**depth: 85x the loop-body nodes of the step without
-# dropout and 3-5x its compile time. Realizing anything over 10 ops computes each key and mask once
+# dropout and 5-6x its compile time. Realizing anything over 10 ops computes each key and mask once
 # (benchmarks/dropout_compile.py).
 DROPOUT_OPTIONS = {"realize_opcount_threshold": 10}
 

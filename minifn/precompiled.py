@@ -8,14 +8,17 @@ compile the same thing, so its file is named by a hash of everything that decide
   - the function: code, defaults, closure and the globals it uses, recursively (configs, optimizer
     closures, partials, helpers); functions of Python and installed packages by name, since their
     versions and traced lines are checked anyway;
-  - minifn's source, torch's and Python's versions, dynamo's and inductor's settings, and the pytree
-    node types registered so far (the saved code finds them by position);
+  - the inductor options it is compiled with, minifn's source, torch's and Python's versions, and
+    dynamo's, inductor's and functorch's settings;
   - the inputs: tree structure, shapes, strides, dtypes, devices.
 
 Before a loaded function runs, every source file it traced must be unchanged and its guards (tensor
 metadata, grad mode, autocast) must accept the inputs; otherwise it is compiled again and replaced. A
 function holding something this module cannot describe (an arbitrary object in a closure) is compiled the
 ordinary way and never saved; a global of such a type (a logger) is described by its type alone.
+An object the saved code reaches through a global dict must sit under a string or number key: dynamo
+saves an entry under an object key as its position in the dict, which another process may not share
+(model._SKELETONS is keyed by config.key for that reason).
 """
 
 from __future__ import annotations

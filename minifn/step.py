@@ -232,15 +232,15 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
       rank: data parallel only: folded into the step's key, so ranks draw different dropout masks."""
     skeleton(config)  # build the module skeleton outside any compiled region
     device = torch.device(device)
+    options = DROPOUT_OPTIONS if dropout_rate else None
     if all_reduce is None:
         step = functools.partial(train_step, config=config, optimizer=optimizer, loss_fn=loss_fn, reduction=reduction,
                                  autocast_dtype=autocast_dtype, dropout_rate=dropout_rate, inplace=inplace,
                                  ema_debias=ema_debias, log_gns=log_gns)
-        return maybe_compile(step, compile, device, DROPOUT_OPTIONS if dropout_rate else None)
+        return maybe_compile(step, compile, device, options)
     grads_fn = maybe_compile(functools.partial(loss_and_grads, config=config, loss_fn=loss_fn,
                                                autocast_dtype=autocast_dtype, dropout_rate=dropout_rate,
-                                               log_gns=log_gns), compile, device,
-                             DROPOUT_OPTIONS if dropout_rate else None)
+                                               log_gns=log_gns), compile, device, options)
     apply_fn = maybe_compile(functools.partial(apply_gradients, optimizer=optimizer, reduction=reduction,
                                                inplace=inplace, ema_debias=ema_debias), compile, device)
 

@@ -210,7 +210,15 @@ def test_fingerprint_is_equal_for_equal_computations_and_differs_otherwise():
     assert fingerprint(doubled["scale"]) != fingerprint(tripled["scale"])
 
 
-def test_the_train_step_a_process_saves_is_loaded_by_the_next(tmp_path):
+def run_script(script: str, *args: str) -> dict:
+    """The JSON a `python -c script args` process prints last (its stderr's tail if it fails)."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_the_train_step_a_process_saves_is_loaded_by_the_next():
     """Two processes build test_step's tiny compiled train step; the second loads what the first saved (or
     what an earlier test saved), traces nothing, and takes the same step."""
     assert tiny_config() == ModelConfig(**TINY)
@@ -229,10 +237,7 @@ def test_the_train_step_a_process_saves_is_loaded_by_the_next(tmp_path):
         "state, metrics = step(init_state(init_params(CONFIG, seed=0), ADAMW), (tokens[:, :-1], tokens[:, 1:]))\n"
         "print(json.dumps({'stats': dict(stats), 'loss': metrics['loss'].item(),"
         " 'norm': sum(p.double().square().sum() for p in state.params.values()).item()}))\n")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    runs = [json.loads(subprocess.run([sys.executable, "-c", script], cwd=ROOT,
-                                      env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-            for _ in range(2)]
+    runs = [run_script(script), run_script(script)]
     assert runs[1]["stats"] == {"loaded": 1}, runs
     # Equal here; one CI machine differed in the last bits of the parameters (norm 1e-11 relative) between the
     # step compiled in the first process and the same step loaded in the second. A step that loaded another
@@ -241,7 +246,7 @@ def test_the_train_step_a_process_saves_is_loaded_by_the_next(tmp_path):
     assert math.isclose(runs[1]["norm"], runs[0]["norm"], rel_tol=1e-9), runs
 
 
-def test_a_saved_step_finds_its_model_in_a_process_that_built_other_models_first(tmp_path):
+def test_a_saved_step_finds_its_model_in_a_process_that_built_other_models_first():
     """The saved code reaches the config's module skeleton by key. Keyed by position in the skeleton dict,
     a step saved where another model was built first failed (StopIteration) in a process without it."""
     config = dict(vocab_size=53, embed_dim=16, num_layers=1, num_heads=2, head_dim=8, ff_dim=24, max_seq_len=12)
@@ -258,11 +263,6 @@ def test_a_saved_step_finds_its_model_in_a_process_that_built_other_models_first
         "ids = list(generate(init_params(CONFIG, seed=1), [1, 2], CONFIG, max_new_tokens=6, decode=decode,"
         " temperature=0))\n"
         "print(json.dumps({'stats': dict(stats), 'ids': ids}))\n")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    runs = []
-    for order in ("other-first", "alone"):
-        proc = subprocess.run([sys.executable, "-c", script, order], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-1500:]
-        runs.append(json.loads(proc.stdout.splitlines()[-1]))
+    runs = [run_script(script, "other-first"), run_script(script, "alone")]
     assert runs[1]["stats"] == {"loaded": 1}
     assert runs[1]["ids"] == runs[0]["ids"] and len(runs[0]["ids"]) == 6

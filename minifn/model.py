@@ -30,17 +30,16 @@ KVCache = list[tuple[Tensor, Tensor]]
 
 
 def rotary_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and signed sin of the rotary angles, [T, K], for the 'rotate half' layout (see apply_rotary)."""
+    """cos and sin of the rotary angles, [T, K/2] (see apply_rotary)."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]  # [T, K/2]
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+    return angles.cos(), angles.sin()
 
 
-def apply_rotary(x_BHTK: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
-    """x * cos + rotate_half(x) * sin, where rotate_half([x1, x2]) = [-x2, x1]: written as
-    roll(x, K/2) * [-sin, sin], the same numbers with one copy of x instead of a negation and a concat."""
-    return (x_BHTK * cos + x_BHTK.roll(x_BHTK.shape[-1] // 2, dims=-1) * signed_sin).to(x_BHTK.dtype)
+def apply_rotary(x_BHTK: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x[i], x[i + K/2]) by its angle: the 'rotate half' layout of Llama."""
+    x1, x2 = x_BHTK.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BHTK.dtype)
 
 
 class RMSNorm(nn.Module):

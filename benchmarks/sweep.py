@@ -41,15 +41,17 @@ def lrs(k: int) -> list[float]:
 
 
 def build(variant: str, config_name: str, k: int):
-    """(one round: K optimizer steps of every member, its state bytes) for 'sweep' or 'sequential'."""
+    """(one round: K optimizer steps of every member, its state bytes) for 'sweep', 'sweep_flash' (attention
+    left to SDPA's choice of kernel instead of the math form a CPU sweep runs) or 'sequential'."""
     config, batch_size = CONFIGS[config_name]
     device = bench_device()
     tx = optim.adamw(lr=BASE_LR, weight_decay=WEIGHT_DECAY)
     params = init_params(config, seed=0, device=device)
     batch = batch_for(config, batch_size)
-    if variant == "sweep":
+    if variant.startswith("sweep"):
         holder = [sweep_states(params, tx, [{"lr": lr} for lr in lrs(k)])]
-        step = make_sweep_step(config, tx, compile="on", device=device)
+        math_attention = False if variant == "sweep_flash" else None
+        step = make_sweep_step(config, tx, math_attention=math_attention, compile="on", device=device)
 
         def one_round():
             holder[0], _ = step(holder[0], batch)
@@ -80,7 +82,8 @@ def worker(variant: str, config_name: str, k: int, repeats: int) -> dict:
 
 def interleaved(config_name: str, k: int, rounds: int) -> dict:
     """Both variants in one process, stepping in turn; the medians of their rounds."""
-    variants = {v: build(v, config_name, k)[0] for v in ("sweep", "sequential")}
+    names = ("sweep", "sequential") + (("sweep_flash",) if bench_device().type == "cpu" else ())
+    variants = {v: build(v, config_name, k)[0] for v in names}
     for one_round in variants.values():
         one_round()
         one_round()
@@ -103,6 +106,13 @@ def report(config_name: str, k: int, alone: dict, together: dict, command: str) 
     sweep, seq = alone["sweep"], alone["sequential"]
     one_run = {**seq, "peak_memory_mb": alone["single"]["peak_memory_mb"], "state_mb": alone["single"]["state_mb"]}
     ratio = together["sequential"] / together["sweep"]
+    flash = ""
+    if "sweep_flash" in together:
+        flash = f"""
+Attention in the sweep: SDPA's math form (what a CPU sweep runs, minifn.sweep.math_attention_pays) \
+{together['sweep'] * 1e3:.1f} ms per round against {together['sweep_flash'] * 1e3:.1f} ms with SDPA's own choice, \
+the flash kernel, which vmap runs once per member (interleaved): **{together['sweep_flash'] / together['sweep']:.2f}x**.
+"""
     return f"""## Sweep
 
 Machine: {machine()}
@@ -121,7 +131,7 @@ versus {k} calls of one compiled `train_step` on {k} states, stepping in turn in
 | time per round, own process (ms) | {sweep['round_s'] * 1e3:.1f} | {seq['round_s'] * 1e3:.1f} | \
 {seq['round_s'] / sweep['round_s']:.2f}x |
 | first call, compile included (s) | {sweep['compile_s']:.1f} | {seq['compile_s']:.1f} | |
-
+{flash}
 Memory ({memory}, each in its own process): the sweep {sweep['peak_memory_mb']:.0f} MB; one run alone \
 {one_run['peak_memory_mb']:.0f} MB, so {k} separate runs {k * one_run['peak_memory_mb']:.0f} MB \
 ({sweep['peak_memory_mb'] / (k * one_run['peak_memory_mb']):.2f}x of that for the sweep). State \

@@ -17,11 +17,13 @@ every member fails at the same step, none is behind, and the next step tries the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import optree
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minifn import optim
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
@@ -70,8 +72,31 @@ def freeze_diverged(old: TrainState, new: TrainState, metrics: dict[str, Tensor]
     return optree.tree_map(keep, new, old), ~ok
 
 
-def sweep_step(states: TrainState, batch: Batch, dropout_rates: Tensor | None = None, **step_kwargs):
-    """train_step for every member of states (stacked) on one shared batch; metrics are [K], plus frozen."""
+# Attention weights the math form may keep for the backward pass, all members and layers together.
+MATH_ATTENTION_MAX_BYTES = 2**28
+
+
+def math_attention_pays(states: TrainState, batch: Batch, config: ModelConfig) -> bool:
+    """Whether a sweep should run attention in SDPA's math form (matmuls and a softmax, which vmap batches):
+    on the CPU when its attention weights are small. functorch has no batching rule for the CPU flash kernel,
+    so under vmap it runs once per member, with a slice and a copy each (benchmarks/RESULTS.md, "Sweep")."""
+    inputs = batch[0]
+    members, tokens = states.step.shape[0], inputs.shape[-1]
+    weights = members * inputs[..., 0].numel() * config.num_heads * tokens**2 * config.num_layers * 4
+    return inputs.device.type == "cpu" and weights <= MATH_ATTENTION_MAX_BYTES
+
+
+def sweep_step(states: TrainState, batch: Batch, dropout_rates: Tensor | None = None, *,
+               math_attention: bool | None = None, **step_kwargs):
+    """train_step for every member of states (stacked) on one shared batch; metrics are [K], plus frozen.
+    math_attention: SDPA's math form or its own choice of kernel (None: math_attention_pays decides)."""
+    if math_attention is None:
+        math_attention = math_attention_pays(states, batch, step_kwargs["config"])
+    with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
+        return _sweep_step(states, batch, dropout_rates, **step_kwargs)
+
+
+def _sweep_step(states: TrainState, batch: Batch, dropout_rates: Tensor | None, **step_kwargs):
     if dropout_rates is None:
         member = functools.partial(train_step, **step_kwargs)
         new, metrics = torch.func.vmap(member, in_dims=(0, None))(states, batch)
@@ -85,7 +110,7 @@ def sweep_step(states: TrainState, batch: Batch, dropout_rates: Tensor | None = 
 def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation, loss_fn: Loss = cross_entropy,
                     *, reduction: str = "mean", autocast_dtype: torch.dtype | None = None,
                     dropout_rates: list[float] | None = None, ema_debias: bool = True, log_gns: bool = False,
-                    compile: str = "auto", device: torch.device | str = "cpu"):
+                    math_attention: bool | None = None, compile: str = "auto", device: torch.device | str = "cpu"):
     """sweep_step bound to a config, optimizer and loss, compiled per `compile`: step(states, batch).
 
     Args:
@@ -97,6 +122,7 @@ def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation
       dropout_rates: one dropout rate per member (None: no dropout); each member's own RNG key draws its masks.
       ema_debias: as make_train_step, for states with an EMA.
       log_gns: as make_train_step (per-member noise-scale metrics).
+      math_attention: as sweep_step (None: math_attention_pays decides).
       compile: 'auto', 'on' or 'off' (see minifn.compiling).
       device: where the states live; decides whether compiling is possible."""
     skeleton(config)
@@ -105,6 +131,7 @@ def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation
     if dropout_rates is not None and any(dropout_rates):
         rates = torch.tensor(dropout_rates, dtype=torch.float64, device=device)  # [K]: per member, as data
     step = functools.partial(sweep_step, config=config, optimizer=optimizer, loss_fn=loss_fn, reduction=reduction,
-                             autocast_dtype=autocast_dtype, ema_debias=ema_debias, log_gns=log_gns)
+                             autocast_dtype=autocast_dtype, ema_debias=ema_debias, log_gns=log_gns,
+                             math_attention=math_attention)
     compiled = maybe_compile(step, compile, device, None if rates is None else DROPOUT_OPTIONS)
     return compiled if rates is None else (lambda states, batch: compiled(states, batch, rates))

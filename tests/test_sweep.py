@@ -12,7 +12,7 @@ from minifn import optim, unstack_trees
 from minifn.data import batches
 from minifn.model import init_params
 from minifn.step import init_state, train_step
-from minifn.sweep import make_sweep_step, sweep_states
+from minifn.sweep import make_sweep_step, math_attention_pays, sweep_states
 
 CONFIG = tiny_config()
 STEPS = 5
@@ -190,3 +190,24 @@ def test_sweep_states_refuses_what_cannot_work():
     stacked = sweep_states(params, optim.sgd(lr=0.1), [{"lr": 0.1}, {"lr": 0.2}], seeds=[1, 2])
     assert stacked.params["embed.weight"].shape == (2, *params["embed.weight"].shape)
     assert stacked.rng[0] != stacked.rng[1] and stacked.ema == ()
+
+
+def flash_calls(step, states, batch) -> int:
+    """How many times one eager sweep step runs the CPU flash-attention kernel."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(states, batch)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def test_a_cpu_sweep_runs_attention_in_the_math_form_when_its_weights_are_small():
+    tx = optim.sgd(**SGD)
+    states = sweep_states(init_params(CONFIG, 0), tx, SGD_MEMBERS)
+    batch = data(1)[0]
+    auto, flash = (make_sweep_step(CONFIG, tx, math_attention=m, compile="off") for m in (None, False))
+    # vmap has no batching rule for the CPU flash kernel: it runs once per member, layer and micro-batch
+    assert flash_calls(flash, states, batch) >= 3 * CONFIG.num_layers * 2
+    assert flash_calls(auto, states, batch) == 0
+    for a, b in zip(unstack_trees(auto(states, batch)[0]), unstack_trees(flash(states, batch)[0])):
+        assert_same(a, b, 1e-5)
+    long = torch.zeros(64, 4096, dtype=torch.long)  # 3 members x 64 x 4 heads x 4096^2 x 2 layers: 50 GB
+    assert not math_attention_pays(states, (long, long), CONFIG)

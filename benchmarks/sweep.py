@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,9 +95,12 @@ def interleaved(config_name: str, k: int, rounds: int) -> dict:
     return {v: sorted(t)[len(t) // 2] for v, t in times.items()}
 
 
-def run_child(args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
+def run_child(args: list[str], cold: bool = False) -> dict:
+    """Run this script with args in a new process, with an empty inductor cache of its own if cold (its first
+    call is then a cold compile); its last line of output, as JSON."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", **({"TORCHINDUCTOR_CACHE_DIR": cache} if cold else {})}
+        out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -130,7 +134,7 @@ versus {k} calls of one compiled `train_step` on {k} states, stepping in turn in
 {together['sequential'] * 1e3:.1f} | **{ratio:.2f}x** |
 | time per round, own process (ms) | {sweep['round_s'] * 1e3:.1f} | {seq['round_s'] * 1e3:.1f} | \
 {seq['round_s'] / sweep['round_s']:.2f}x |
-| first call, compile included (s) | {sweep['compile_s']:.1f} | {seq['compile_s']:.1f} | |
+| first call, cold compile included (s), own process | {sweep['compile_s']:.1f} | {seq['compile_s']:.1f} | |
 {flash}
 Memory ({memory}, each in its own process): the sweep {sweep['peak_memory_mb']:.0f} MB; one run alone \
 {one_run['peak_memory_mb']:.0f} MB, so {k} separate runs {k * one_run['peak_memory_mb']:.0f} MB \
@@ -160,7 +164,8 @@ def main():
         print(json.dumps(interleaved(name, int(k), int(rounds))))
         return
     repeats, rounds = (3, 5) if args.quick else (10, 20)
-    alone = {v: run_child(["--worker", v, args.config, str(args.k), str(repeats)]) for v in ("sweep", "sequential")}
+    alone = {v: run_child(["--worker", v, args.config, str(args.k), str(repeats)], cold=True)
+             for v in ("sweep", "sequential")}
     alone["single"] = run_child(["--worker", "sequential", args.config, "1", str(repeats)])
     together = run_child(["--interleaved", args.config, str(args.k), str(rounds)])
     command = ("python benchmarks/sweep.py " + " ".join(sys.argv[1:])).strip()

@@ -209,5 +209,5 @@ def test_a_cpu_sweep_runs_attention_in_the_math_form_when_its_weights_are_small(
     assert flash_calls(auto, states, batch) == 0
     for a, b in zip(unstack_trees(auto(states, batch)[0]), unstack_trees(flash(states, batch)[0])):
         assert_same(a, b, 1e-5)
-    long = torch.zeros(64, 4096, dtype=torch.long)  # 3 members x 64 x 4 heads x 4096^2 x 2 layers: 50 GB
+    long = torch.zeros(64, 4096, dtype=torch.long)  # 3 members x 64 x 4 heads x 4096^2 x 2 layers x 4 bytes: 103 GB
     assert not math_attention_pays(states, (long, long), CONFIG)

@@ -41,6 +41,10 @@ from pathlib import Path
 import optree
 import torch
 
+# The saved steps a cache directory keeps, newest use first (each 1-3 MB); past this, the least recently used
+# are deleted as a new one is saved. Inductor's own cache is never pruned; minifn's part of it is.
+MAX_SAVED_BYTES = 512 * 2**20
+
 # What happened to each input signature this process met: 'compiled' and saved (or 'unsaved': the closure
 # would not pickle), 'loaded' from an earlier run, or compiled the 'ordinary' way where AOT precompile failed.
 stats: collections.Counter = collections.Counter()
@@ -191,7 +195,13 @@ def _load(path: Path):
             compiled = torch.compiler.load_compiled_function(f)
     except Exception:  # noqa: BLE001 - missing, damaged or from another torch: a miss; compile and replace it
         return None
-    return compiled if _sources_unchanged(compiled) else None
+    if not _sources_unchanged(compiled):
+        return None
+    try:
+        os.utime(path)  # a use, for pruning: least recently used goes first
+    except OSError:  # a read-only shared cache: still usable
+        pass
+    return compiled
 
 
 def _save(compiled, path: Path) -> None:
@@ -206,6 +216,22 @@ def _save(compiled, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def prune(directory: Path, max_bytes: int) -> None:
+    """Delete the least recently used saved steps in directory until the rest fit in max_bytes."""
+    files = []
+    for path in directory.glob("*.bin"):
+        try:
+            files.append((path.stat().st_mtime, path.stat().st_size, path))
+        except OSError:  # deleted meanwhile by another process pruning the same cache
+            pass
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files, key=lambda f: f[0]):
+        if total <= max_bytes:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
 
 
 def saved_compile(fn: Callable, directory: Path, options: dict | None = None) -> Callable | None:
@@ -236,6 +262,8 @@ def saved_compile(fn: Callable, directory: Path, options: dict | None = None) ->
                 _save(compiled, path)
             except Exception:  # noqa: BLE001 - an unpicklable closure: this run still uses the compiled step
                 stats["unsaved"] += 1
+            else:
+                prune(directory, MAX_SAVED_BYTES)
         compiled.disable_guard_check()  # call() checks the guards once per call
         return compiled
 

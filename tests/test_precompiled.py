@@ -134,6 +134,22 @@ def test_a_damaged_file_is_compiled_again_and_replaced(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
 
+def test_saving_prunes_the_least_recently_used_steps_past_the_cap(tmp_path, monkeypatch):
+    x, w = inputs()
+    for scale in (2.0, 3.0):
+        saved_compile(functools.partial(affine, scale=scale), tmp_path)(x, w)
+    (two, three) = sorted(tmp_path.glob("*.bin"), key=lambda p: p.stat().st_mtime)
+    os.utime(two, (1e9, 1e9))  # saved long ago, both; three the older of the two
+    os.utime(three, (1e9 - 10, 1e9 - 10))
+    loaded_before = stats["loaded"]
+    saved_compile(functools.partial(affine, scale=3.0), tmp_path)(x, w)  # a use makes it the newest
+    assert stats["loaded"] == loaded_before + 1 and three.stat().st_mtime > two.stat().st_mtime
+    monkeypatch.setattr(precompiled, "MAX_SAVED_BYTES", int(2.5 * max(two.stat().st_size, three.stat().st_size)))
+    saved_compile(functools.partial(affine, scale=4.0), tmp_path)(x, w)
+    left = set(tmp_path.glob("*.bin"))
+    assert len(left) == 2 and three in left and two not in left  # the least recently used went
+
+
 def test_where_aot_precompile_fails_the_function_compiles_the_ordinary_way(tmp_path, monkeypatch):
     import torch._dynamo.aot_compile
 

@@ -234,6 +234,30 @@ def prune(directory: Path, max_bytes: int) -> None:
         total -= size
 
 
+def _record_each_source_once() -> None:
+    """AOT precompile records the source of every function dynamo inlined, once per inlining: at the seed shape
+    5,400 `inspect.getsourcelines` calls, each re-tokenizing its file, for about 300 functions. Memoize the
+    record per code object (a code object's source is that of its import); the saved records are the same."""
+    try:
+        from torch._dynamo.package import SourceInfo as source_info
+    except ImportError:  # another torch: nothing to speed up, or nothing to do it to
+        return
+    add_code = getattr(source_info, "add_code", None)
+    if add_code is None or getattr(add_code, "memoized", False):
+        return
+    records: dict[int, tuple[types.CodeType, set]] = {}  # id -> (code, what add_code added): code kept alive
+
+    def memoized(self, code: types.CodeType) -> None:
+        if id(code) not in records:
+            alone = source_info(inlined_sources=set())
+            add_code(alone, code)
+            records[id(code)] = code, alone.inlined_sources
+        self.inlined_sources.update(records[id(code)][1])
+
+    memoized.memoized, memoized.original = True, add_code
+    source_info.add_code = memoized
+
+
 def saved_compile(fn: Callable, directory: Path, options: dict | None = None) -> Callable | None:
     """fn compiled (fullgraph, static shapes, with inductor options as torch.compile's) and saved under
     directory, one file per input signature; None where fn cannot be named (compile it the ordinary way),
@@ -248,6 +272,7 @@ def saved_compile(fn: Callable, directory: Path, options: dict | None = None) ->
                              options={**(options or {}), "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
     if not hasattr(compiler, "aot_compile"):
         return None
+    _record_each_source_once()
     entries, ordinary = [], []
 
     def entry_for(args):

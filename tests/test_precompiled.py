@@ -191,6 +191,26 @@ def test_an_error_in_the_first_step_itself_surfaces_and_the_step_runs_once(tmp_p
     assert len(runs_of_failing_op) == 1 and stats["ordinary"] == ordinary_before
 
 
+def test_sources_are_recorded_once_per_function_and_the_same_as_torchs_record(tmp_path, monkeypatch):
+    import inspect
+
+    from torch._dynamo.package import SourceInfo
+
+    saved_compile(functools.partial(affine, scale=2.0), tmp_path)  # installs the memo
+    codes = [affine.__code__, inputs.__code__, torch.nn.Module._call_impl.__code__, affine.__code__, inputs.__code__]
+    plain = SourceInfo(inlined_sources=set())
+    for code in codes:
+        SourceInfo.add_code.original(plain, code)
+    reads, getsourcelines = [], inspect.getsourcelines
+    monkeypatch.setattr(inspect, "getsourcelines", lambda obj: reads.append(obj) or getsourcelines(obj))
+    memo = SourceInfo(inlined_sources=set())
+    for code in [*codes, *codes]:
+        memo.add_code(code)
+    assert memo.inlined_sources == plain.inlined_sources and len(plain.inlined_sources) == 3
+    code_reads = [r for r in reads if isinstance(r, type(affine.__code__))]  # (whole modules are read too)
+    assert len(code_reads) <= 3 and len(set(code_reads)) == len(code_reads)  # none twice (earlier tests read some)
+
+
 class Scaler:
     """An object fingerprint does not know: a function closing over it is compiled but never saved."""
 

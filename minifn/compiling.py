@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from minifn import trees
 from minifn.precompiled import saved_compile
 
 MODES = ("auto", "on", "off")
@@ -66,41 +67,23 @@ def _is_float64_cpu_scalar(x) -> bool:
     return isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype == torch.float64 and x.device.type == "cpu"
 
 
-def _map_leaves(fn: Callable, tree, counter: list[int]):
-    """tree with fn(index, leaf) at each leaf, numbered in traversal order (tuples, named tuples, lists,
-    dicts); written out rather than with optree so that dynamo traces it inside a compiled function."""
-    if isinstance(tree, dict):
-        return type(tree)((k, _map_leaves(fn, v, counter)) for k, v in tree.items())
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(_map_leaves(fn, x, counter) for x in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_map_leaves(fn, x, counter) for x in tree)
-    counter[0] += 1
-    return fn(counter[0] - 1, tree)
-
-
 def _lift_scalars(tree):
     """tree with each 0-D float64 CPU tensor viewed as shape [1], and the indices of those leaves.
 
     Dynamo gives every 0-D float64 CPU input (our hyperparameters) a float symbol that its tensorify pass
     cannot use and then specializes by restarting the whole trace (pytorch#140346): 3 s of a 31 s cold compile.
     A [1]-shaped view of the same memory is an ordinary input; the compiled function views it back."""
-    lifted = []
-
-    def lift(i, x):
-        if not _is_float64_cpu_scalar(x):
-            return x
-        lifted.append(i)
-        return x.view(1)
-
-    return _map_leaves(lift, tree, [0]), tuple(lifted)
+    leaves = trees.leaves(tree)
+    lifted = tuple(i for i, x in enumerate(leaves) if _is_float64_cpu_scalar(x))
+    return trees.rebuild(tree, [x.view(1) if i in lifted else x for i, x in enumerate(leaves)]), lifted
 
 
 def _lowering_scalars(fn: Callable) -> Callable:
     """fn over a tree lifted by _lift_scalars: the lifted leaves are 0-D again before fn sees them."""
 
     def lowered(tree, lifted: tuple[int, ...]):
-        args, kwargs = _map_leaves(lambda i, x: x.view(()) if i in lifted else x, tree, [0])
+        leaves = trees.leaves(tree)
+        args, kwargs = trees.rebuild(tree, [x.view(()) if i in lifted else x for i, x in enumerate(leaves)])
         return fn(*args, **kwargs)
 
     return lowered

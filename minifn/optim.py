@@ -33,6 +33,8 @@ from torch import Tensor
 from torch._C._functorch import is_batchedtensor, is_functorch_wrapped_tensor
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from minifn import trees
+
 Tree = Any
 Schedule = Callable[[Tensor, Tensor], Tensor]  # (step, base_lr) -> lr, see minifn.schedules
 
@@ -60,7 +62,7 @@ def run_update(transform: GradientTransformation, grads: Tree, state: Tree, para
 def fuses(transform: GradientTransformation, grads: Tree, params: Tree) -> bool:
     """Whether step_inplace takes transform's fused kernel for these leaves: plain tensors (not under vmap or
     grad, not differentiated through) on a device with the kernel; eager or compiled."""
-    return transform.fused_step is not None and _fusable(optree.tree_leaves(grads), optree.tree_leaves(params))
+    return transform.fused_step is not None and _fusable(trees.leaves(grads), trees.leaves(params))
 
 
 def step_inplace(transform: GradientTransformation, grads: Tree, state: Tree, params: Tree) -> Tree:
@@ -166,15 +168,15 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, amsgrad=False) -> GradientTransfor
                                 _value(b1, params), _value(b2, params), _value(eps, params))
 
     def update(grads, state, params=None, *, inplace=False):
-        g, spec = optree.tree_flatten(grads)
+        g = trees.leaves(grads)
         count = state.count + 1
         bias1 = 1 - state.b1**count
         scale, floor = _once(bias1 / (1 - state.b2**count).sqrt()), _once(bias1 * state.eps)
-        mu = _lerp(optree.tree_leaves(state.mu), g, _as(1 - state.b1, g), inplace)
+        mu = _lerp(trees.leaves(state.mu), g, _as(1 - state.b1, g), inplace)
         scaled = foreach("mul", g, _as(1 - state.b2, g))
-        nu = foreach("addcmul_", foreach(_own("mul", inplace), optree.tree_leaves(state.nu), _as(state.b2, g)), g,
+        nu = foreach("addcmul_", foreach(_own("mul", inplace), trees.leaves(state.nu), _as(state.b2, g)), g,
                      scaled)  # v * b2 + g * (g * (1 - b2)), as torch.optim
-        nu_max = foreach(_own("maximum", inplace), optree.tree_leaves(state.nu_max), nu) if amsgrad else nu
+        nu_max = foreach(_own("maximum", inplace), trees.leaves(state.nu_max), nu) if amsgrad else nu
         # mu_hat / (sqrt(nu_hat) + eps) = mu / (sqrt(nu) * scale + floor); with inplace, eagerly, written
         # into the scaled gradients' buffers (one model-sized allocation fewer per step, torch has no
         # _foreach op with out=)
@@ -182,7 +184,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, amsgrad=False) -> GradientTransfor
         root = [torch.sqrt(x, out=y) for x, y in zip(nu_max, scaled)] if reuse else foreach("sqrt", nu_max)
         d = foreach("add_", foreach("mul_", root, _as(scale, g)), _as(floor, g))
         d = foreach("mul_", foreach("reciprocal_", d), mu)
-        new = functools.partial(optree.tree_unflatten, spec)
+        new = functools.partial(trees.rebuild, grads)
         return new(d), state._replace(count=count, mu=new(mu), nu=new(nu), nu_max=new(nu_max) if amsgrad else ())
 
     return GradientTransformation(init, update)
@@ -202,13 +204,13 @@ def trace(momentum=0.9, dampening=0.0, nesterov=False) -> GradientTransformation
         return TraceState(_count(params), _zeros(params), _value(momentum, params), _value(dampening, params))
 
     def update(grads, state, params=None, *, inplace=False):
-        g, spec = optree.tree_flatten(grads)
+        g = trees.leaves(grads)
         first = state.count == 0  # then buf * 0 + g * 1, which is exactly g
         keep, damp = torch.where(first, 0.0, state.momentum), torch.where(first, 1.0, 1 - state.dampening)
-        buf = foreach("addcmul_", foreach(_own("mul", inplace), optree.tree_leaves(state.trace), _as(keep, g)), g,
+        buf = foreach("addcmul_", foreach(_own("mul", inplace), trees.leaves(state.trace), _as(keep, g)), g,
                       _as(damp, g))
         updates = foreach("add_", foreach("mul", buf, _as(state.momentum, g)), g) if nesterov else buf
-        new = functools.partial(optree.tree_unflatten, spec)
+        new = functools.partial(trees.rebuild, grads)
         return new(updates), state._replace(count=state.count + 1, trace=new(buf))
 
     return GradientTransformation(init, update)
@@ -225,9 +227,8 @@ def add_decayed_weights(weight_decay=0.0) -> GradientTransformation:
         return WeightDecayState(_value(weight_decay, params))
 
     def update(grads, state, params, *, inplace=False):
-        g, spec = optree.tree_flatten(grads)
-        p = optree.tree_leaves(params)
-        return optree.tree_unflatten(spec, foreach("add_", foreach("mul", p, _as(state.weight_decay, p)), g)), state
+        g, p = trees.leaves(grads), trees.leaves(params)
+        return trees.rebuild(grads, foreach("add_", foreach("mul", p, _as(state.weight_decay, p)), g)), state
 
     return GradientTransformation(init, update)
 
@@ -238,7 +239,7 @@ class ClipState(NamedTuple):
 
 def global_norm(tree: Tree) -> Tensor:
     """The 2-norm of all leaves together."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in optree.tree_leaves(tree)]))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in trees.leaves(tree)]))
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
@@ -251,8 +252,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return (state.max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)
 
     def update(grads, state, params=None, *, inplace=False):
-        g, spec = optree.tree_flatten(grads)
-        return optree.tree_unflatten(spec, foreach("mul", g, _as(scale(g, state), g))), state
+        g = trees.leaves(grads)
+        return trees.rebuild(grads, foreach("mul", g, _as(scale(g, state), g))), state
 
     return GradientTransformation(init, update, scale=scale)
 
@@ -292,16 +293,16 @@ def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_d
         return ScaleByLearningRateState(_count(params), _value(lr, params), decay, warmup)
 
     def update(grads, state, params=None, *, inplace=False):
-        g, spec = optree.tree_flatten(grads)
+        g = trees.leaves(grads)
         constant = schedule is None and isinstance(state.warmup_steps, tuple)
         lr_t = state.lr if constant else _once(_scheduled_lr(state, schedule))
         if weight_decay is not None:
-            p = optree.tree_leaves(params)
+            p = trees.leaves(params)
             decay = foreach("sub_", foreach("mul", p, _as(1 - lr_t * state.weight_decay, p)), p)
             updates = foreach("addcmul_", decay, g, _as(-lr_t, g))
         else:
             updates = foreach("mul", g, _as(-lr_t, g))
-        return optree.tree_unflatten(spec, updates), state._replace(count=state.count + 1)
+        return trees.rebuild(grads, updates), state._replace(count=state.count + 1)
 
     return GradientTransformation(init, update)
 
@@ -408,7 +409,7 @@ def _fused_adam(decoupled: bool, amsgrad: bool, schedule: Schedule | None):
         *l2, moments, rate = state
         decay = rate.weight_decay if decoupled else l2[0].weight_decay
         count = moments.count + 1
-        leaves = optree.tree_leaves
+        leaves = trees.leaves
         _fused_adam_op(leaves(params), leaves(grads), leaves(moments.mu), leaves(moments.nu), leaves(moments.nu_max),
                        count, _scheduled_lr(rate, schedule), moments.b1, moments.b2, decay, moments.eps, grad_scale,
                        decoupled, amsgrad)
@@ -422,15 +423,15 @@ def _fused_adam(decoupled: bool, amsgrad: bool, schedule: Schedule | None):
 
 def apply_updates(params: Tree, updates: Tree, inplace: bool = False) -> Tree:
     """params + updates, in each parameter's dtype (written into params with inplace)."""
-    p, spec = optree.tree_flatten(params)
-    u = [u if u.dtype == x.dtype else u.to(x.dtype) for u, x in zip(optree.tree_leaves(updates), p, strict=True)]
-    return optree.tree_unflatten(spec, foreach(_own("add", inplace), p, u))
+    p = trees.leaves(params)
+    u = [u if u.dtype == x.dtype else u.to(x.dtype) for u, x in zip(trees.leaves(updates), p, strict=True)]
+    return trees.rebuild(params, foreach(_own("add", inplace), p, u))
 
 
 @torch.no_grad()
 def assign_(target: Tree, source: Tree) -> Tree:
     """Copy source's leaves into target's tensors (the in-place path; values are bit-identical)."""
-    torch._foreach_copy_(optree.tree_leaves(target), optree.tree_leaves(source))
+    torch._foreach_copy_(trees.leaves(target), trees.leaves(source))
     return target
 
 

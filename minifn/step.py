@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from minifn import ema as moving_average
-from minifn import noise, optim, rng
+from minifn import noise, optim, rng, trees
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import IGNORE_INDEX, Loss, cross_entropy
@@ -86,15 +86,15 @@ def _grad_and_value(fn: Callable) -> Callable:
     transformed = torch.func.grad_and_value(fn, has_aux=True)
 
     def run(params, *args):
-        leaves, spec = optree.tree_flatten(params)
+        leaves = trees.leaves(params)
         if (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
                 or any(x.requires_grad for x in leaves)):
             return transformed(params, *args)
         with torch.enable_grad():
             inputs = [x.detach().requires_grad_() for x in leaves]
-            loss, aux = fn(optree.tree_unflatten(spec, inputs), *args)
+            loss, aux = fn(trees.rebuild(params, inputs), *args)
             grads = torch.autograd.grad(loss, inputs)
-        return optree.tree_unflatten(spec, list(grads)), (loss.detach(), aux)
+        return trees.rebuild(params, list(grads)), (loss.detach(), aux)
 
     return run
 
@@ -119,15 +119,15 @@ def loss_and_grads(params: Params, batch: Batch, key: Tensor | None = None, *, c
         micro_key = None if key is None else fold_in(key, a)
         g, (_, total) = grad_fn(params, x, y, config, loss_fn, autocast_dtype, dropout_rate, micro_key, divisor)
         if grads is None:
-            grads, spec = optree.tree_leaves(g), optree.tree_structure(g)
+            grads, first = trees.leaves(g), g
         else:  # grads are this function's own, so the sum accumulates in place
-            grads = optim.foreach("add_", grads, optree.tree_leaves(g))
+            grads = optim.foreach("add_", grads, trees.leaves(g))
         loss_sum = loss_sum + total
         if log_gns:
             norm = optim.global_norm(g) * (1 if divisor is None else divisor)  # of the summed gradient
             sums = noise.small_batch_sums(norm, (y != IGNORE_INDEX).sum())
             small = sums if small is None else small + sums
-    return optree.tree_unflatten(spec, grads), loss_sum, (targets != IGNORE_INDEX).sum(), small
+    return trees.rebuild(first, grads), loss_sum, (targets != IGNORE_INDEX).sum(), small
 
 
 def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: Tensor, small: Tensor | None = None,
@@ -144,9 +144,8 @@ def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: 
     compiled computes a new state and copies it into the old one, which inductor fuses into in-place writes."""
     count = tokens.clamp(min=1)
     if reduction == "mean" and not divided:
-        leaves, spec = optree.tree_flatten(grads)
-        scale = [count.to(g.dtype) for g in leaves]
-        grads = optree.tree_unflatten(spec, optim.foreach("div", leaves, scale))
+        leaves = trees.leaves(grads)
+        grads = trees.rebuild(grads, optim.foreach("div", leaves, [count.to(g.dtype) for g in leaves]))
     grad_norm = optim.global_norm(grads)  # before the step: a fused kernel may overwrite grads
     # written in place by the optimizer itself: eagerly, and compiled where torch's fused kernel takes it
     donated = inplace and (not torch.compiler.is_compiling() or optim.fuses(optimizer, grads, state.params))
@@ -155,7 +154,7 @@ def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: 
     else:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optim.apply_updates(state.params, updates)
-    step, ema, has_ema = state.step + 1, state.ema, bool(optree.tree_leaves(state.ema))
+    step, ema, has_ema = state.step + 1, state.ema, bool(trees.leaves(state.ema))
     if has_ema:
         ema = moving_average.update(ema, params, state.ema_decay, step, ema_debias, inplace=donated)
     if inplace and not donated:

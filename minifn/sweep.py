@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from minifn import optim
+from minifn import optim, trees
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import Loss, cross_entropy
@@ -65,7 +65,7 @@ def sweep_states(params: Params | list[Params], optimizer: optim.GradientTransfo
 def freeze_diverged(old: TrainState, new: TrainState, metrics: dict[str, Tensor]) -> tuple[TrainState, Tensor]:
     """(new state, with every member kept at its old state that is behind the others' step count (it froze
     earlier) or whose loss, gradient norm or new parameters are non-finite; the [K] bool frozen flags)."""
-    finite = [torch.isfinite(p).reshape(p.shape[0], -1).all(1) for p in optree.tree_leaves(new.params)]  # [K]
+    finite = [torch.isfinite(p).reshape(p.shape[0], -1).all(1) for p in trees.leaves(new.params)]  # [K]
     ok = torch.stack([torch.isfinite(metrics["loss"]), torch.isfinite(metrics["grad_norm"]), *finite]).all(0)
     ok = ok & (old.step == old.step.max())
     keep = lambda n, o: torch.where(ok.view(-1, *[1] * (n.ndim - 1)), n, o)  # noqa: E731

@@ -1,4 +1,5 @@
-"""Stacking parameter trees along a new leading axis, for ensembles under torch.func.vmap.
+"""Leaves of a tree in a form torch.compile traces quickly, and stacking trees along a new leading axis,
+for ensembles under torch.func.vmap.
 
     states = stack_trees([init_state(init_params(config, s), tx) for s in range(8)])
     step = torch.compile(torch.func.vmap(functools.partial(train_step, config=config, optimizer=tx)))
@@ -12,6 +13,73 @@ from typing import Any
 
 import optree
 import torch
+
+
+def leaves(tree: Any) -> list:
+    """optree.tree_leaves(tree): dict values by sorted key, sequences in order, no leaves for None.
+
+    Compiled, the walk is written out here for dicts, tuples, lists and named tuples (anything else goes to
+    optree): dynamo traces optree's flatten through a Python stand-in, node by node, and a flatten and
+    unflatten of 40 leaves cost it 0.25 s, about ten of them per step. Its native tree_map is faster still,
+    but visits dicts in insertion order, which would pair one tree's leaves with another's wrongly."""
+    if not torch.compiler.is_compiling():
+        return optree.tree_leaves(tree)
+    found = []
+    _collect(tree, found)
+    return found
+
+
+def rebuild(tree: Any, new_leaves: list) -> Any:
+    """tree's structure with new_leaves in place of leaves(tree), in that order (optree.tree_unflatten)."""
+    if not torch.compiler.is_compiling():
+        return optree.tree_unflatten(optree.tree_structure(tree), new_leaves)
+    each = iter(new_leaves)
+    rebuilt = _replace(tree, each)
+    if next(each, _END) is not _END:
+        raise ValueError(f"{len(new_leaves)} leaves for a tree of {len(leaves(tree))}")
+    return rebuilt
+
+
+_END = object()  # what the leaves' iterator returns once exhausted
+
+
+def _is_namedtuple(tree) -> bool:
+    return isinstance(tree, tuple) and hasattr(tree, "_fields")
+
+
+def _collect(tree, found: list) -> None:
+    if isinstance(tree, torch.Tensor):
+        found.append(tree)
+    elif type(tree) is dict:
+        for key in sorted(tree):
+            _collect(tree[key], found)
+    elif type(tree) in (tuple, list) or _is_namedtuple(tree):
+        for child in tree:
+            _collect(child, found)
+    elif tree is not None:
+        found.extend(optree.tree_leaves(tree))
+
+
+def _next(each):
+    leaf = next(each, _END)
+    if leaf is _END:
+        raise ValueError("fewer leaves than the tree has")
+    return leaf
+
+
+def _replace(tree, each):
+    if isinstance(tree, torch.Tensor):
+        return _next(each)
+    if type(tree) is dict:
+        new = {key: _replace(tree[key], each) for key in sorted(tree)}
+        return {key: new[key] for key in tree}  # the tree's own key order, as optree keeps it
+    if _is_namedtuple(tree):
+        return type(tree)(*[_replace(child, each) for child in tree])
+    if type(tree) in (tuple, list):
+        return type(tree)([_replace(child, each) for child in tree])
+    if tree is None:
+        return None
+    return optree.tree_unflatten(optree.tree_structure(tree), [_next(each) for _ in optree.tree_leaves(tree)])
 
 
 def stack_trees(trees: list[Any]) -> Any:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import relative_error, tiny_config
-from minifn import optim, stack_trees, unstack_trees
+from minifn import optim, stack_trees, trees, unstack_trees
 from minifn.data import batches
 from minifn.model import init_params
 from minifn.step import init_state, train_step
@@ -21,6 +21,30 @@ def test_stack_and_unstack_are_inverse():
     assert stacked["embed.weight"].shape == (3, *trees[0]["embed.weight"].shape)
     for a, b in zip(unstack_trees(stacked), trees):
         assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_leaves_and_rebuild_are_optrees_eager_and_compiled():
+    """Compiled, they go through tree_map (fast for dynamo to trace); the leaves, their order and the
+    rebuilt structure must be optree's all the same: dict keys sorted, NamedTuples, () and None."""
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(lr=1e-3))
+    params = {"b": torch.randn(2), "a": torch.randn(3), "c": torch.randn(1)}
+    tree = (init_state(params, tx)._replace(ema=()), None, [torch.randn(2)])
+
+    def plus_index(t):
+        return trees.rebuild(t, [x + i for i, x in enumerate(trees.leaves(t))])
+
+    expected = optree.tree_unflatten(optree.tree_structure(tree),
+                                     [x + i for i, x in enumerate(optree.tree_leaves(tree))])
+    for fn in (plus_index, torch.compile(plus_index, backend="eager", fullgraph=True)):
+        out = fn(tree)
+        assert optree.tree_structure(out) == optree.tree_structure(tree)
+        assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(out), optree.tree_leaves(expected),
+                                                      strict=True))
+    for wrong in (lambda ls: ls[1:], lambda ls: [*ls, ls[0]]):
+        mismatched = torch.compile(lambda t, wrong=wrong: trees.rebuild(t, wrong(trees.leaves(t))), backend="eager",
+                                   fullgraph=True)
+        with pytest.raises(Exception, match="fewer leaves than the tree has|21 leaves for a tree of 20"):
+            mismatched(tree)
 
 
 # A member alone is differentiated by torch.autograd (eager, outermost: see step._grad_and_value) and the

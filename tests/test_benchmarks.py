@@ -19,6 +19,7 @@ SCRIPTS = [
     ("corpus_training.py", ["--quick", "--steps", "2"], "## Training from a prepared corpus"),
     ("allocator.py", ["--configs", "tiny", "--no-tutorial"], "## Keeping freed memory"),
     ("tutorial.py", ["--epochs", "1", "--compile", "off"], "## The tutorial's command, end to end"),
+    ("compile_ab.py", ["--base", "HEAD", "--configs", "tiny", "--rounds", "1"], "## Cold compile, before and after"),
 ]
 
 

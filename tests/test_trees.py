@@ -40,6 +40,9 @@ def test_leaves_and_rebuild_are_optrees_eager_and_compiled():
         assert optree.tree_structure(out) == optree.tree_structure(tree)
         assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(out), optree.tree_leaves(expected),
                                                       strict=True))
+    mixed_keys = {1: torch.ones(1), "a": torch.zeros(1)}  # optree's order for keys it cannot sort
+    compiled = torch.compile(lambda t: trees.leaves(t), backend="eager", fullgraph=True)
+    assert [x.item() for x in compiled(mixed_keys)] == [x.item() for x in optree.tree_leaves(mixed_keys)]
     for wrong in (lambda ls: ls[1:], lambda ls: [*ls, ls[0]]):
         mismatched = torch.compile(lambda t, wrong=wrong: trees.rebuild(t, wrong(trees.leaves(t))), backend="eager",
                                    fullgraph=True)

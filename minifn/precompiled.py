@@ -12,13 +12,17 @@ compile the same thing, so its file is named by a hash of everything that decide
     dynamo's, inductor's and functorch's settings;
   - the inputs: tree structure, shapes, strides, dtypes, devices.
 
+A directory keeps at most MAX_SAVED_BYTES of them, the least recently used deleted first.
+
 Before a loaded function runs, every source file it traced must be unchanged and its guards (tensor
 metadata, grad mode, autocast) must accept the inputs; otherwise it is compiled again and replaced. A
 function holding something this module cannot describe (an arbitrary object in a closure) is compiled the
 ordinary way and never saved; a global of such a type (a logger) is described by its type alone.
 An object the saved code reaches through a global dict must sit under a string or number key: dynamo
 saves an entry under an object key as its position in the dict, which another process may not share
-(model._SKELETONS is keyed by config.key for that reason).
+(model._SKELETONS is keyed by config.key for that reason). And the globals a step reads are part of its
+name, so they must not depend on what else the process built: a dict of every model's parameter names
+would name the same step differently in two processes (the names live on each skeleton instead).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 
 Each round compiles minifn's compiled step (variant d) once at --base (checked out into a temporary git
 worktree) and once at the working tree, each in a fresh process with an empty inductor cache, so the two
-see the same machine noise. Reports the first step (compile included) and dynamo's share of it (tracing:
-the capture minus AOTAutograd and inductor).
+see the same machine noise. Reports the first step (compile included) and dynamo's share of it (tracing),
+as each commit's own benchmarks/profile_step.py measures them (compile_split).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -25,23 +24,14 @@ ROOT = HERE.parent
 
 
 def worker(config_name: str) -> dict:
-    """Runs inside a checkout (cwd): its minifn and its benchmarks/common.py."""
+    """Runs inside a checkout (cwd): its minifn, and its profile_step's compile timing."""
     sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "benchmarks")]
-    os.environ["MINIFN_BENCH_DEVICE"] = "cpu"
-    import torch
-    from common import CONFIGS, build
+    from profile_step import compile_split
 
     import minifn
     assert minifn.__file__.startswith(os.getcwd()), minifn.__file__
-    config, batch_size = CONFIGS[config_name]
-    step = build("d", config, batch_size)
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    rows = dict(line.rsplit(", ", 1) for line in
-                torch._dynamo.utils.compile_times(repr="str", aggregate=True).splitlines() if ", " in line)
-    capture, backend = float(rows.get("fullgraph_capture", 0)), float(rows.get("create_aot_dispatcher_function", 0))
-    return {"first_s": first, "tracing_s": capture - backend}
+    split = compile_split(config_name)
+    return {"first_s": split["first_step_s"], "tracing_s": split["dynamo_s"]}
 
 
 def cold(checkout: Path, config_name: str) -> dict:

@@ -227,9 +227,10 @@ def prune(directory: Path, max_bytes: int) -> None:
     files = []
     for path in directory.glob("*.bin"):
         try:
-            files.append((path.stat().st_mtime, path.stat().st_size, path))
+            stat = path.stat()
         except OSError:  # deleted meanwhile by another process pruning the same cache
-            pass
+            continue
+        files.append((stat.st_mtime, stat.st_size, path))
     total = sum(size for _, size, _ in files)
     for _, size, path in sorted(files, key=lambda f: f[0]):
         if total <= max_bytes:

@@ -8,7 +8,8 @@ Speed: one process builds both (the sweep: minifn.sweep.make_sweep_step over K s
 learning rates differ; the sequential runs: one compiled train_step called on each of K states) and steps
 them round-robin, so machine noise hits both alike; the ratio is of medians. Memory: each variant in its
 own process (peak RSS on a CPU, the allocator's peak on a GPU), the sweep against one run, which K
-separate runs would need K times over.
+separate runs would need K times over. Every process keeps freed memory (minifn.allocator), as the
+command line does.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from common import CONFIGS, batch_for, bench_device, machine, median_seconds, pe
 import optree  # noqa: E402
 
 from minifn import init_params, init_state, optim  # noqa: E402
+from minifn.allocator import keep_freed_memory  # noqa: E402
 from minifn.step import make_train_step  # noqa: E402
 from minifn.sweep import make_sweep_step, sweep_states  # noqa: E402
 
@@ -126,7 +128,8 @@ Command: `{command}`
 {k} learning rates ({', '.join(f'{lr:.1e}' for lr in lrs(k))}; AdamW, weight decay {WEIGHT_DECAY}), {config_name} \
 config (embed {config.embed_dim}, {config.num_layers} layers, vocab {config.vocab_size}, seq {config.max_seq_len}, \
 batch {batch_size}), every member on the same batch: one compiled `make_sweep_step` over the {k} stacked states \
-versus {k} calls of one compiled `train_step` on {k} states, stepping in turn in one process.
+versus {k} calls of one compiled `train_step` on {k} states, stepping in turn in one process. Every process \
+keeps freed memory (`minifn.allocator`), as `minifn sweep` and `minifn train` do.
 
 | | sweep, one step | {k} runs in turn | ratio |
 |---|---|---|---|
@@ -155,6 +158,10 @@ def main():
     args = parser.parse_args()
     if args.device:
         os.environ["MINIFN_BENCH_DEVICE"] = args.device  # the worker processes inherit it
+    if args.worker or args.interleaved:
+        # as `minifn sweep` runs (every command does this): a member's leaves are K times a run's, and glibc's
+        # default malloc maps such blocks afresh, page faults included, at every step
+        keep_freed_memory()
     if args.worker:
         variant, name, k, repeats = args.worker
         print(json.dumps(worker(variant, name, int(k), int(repeats))))

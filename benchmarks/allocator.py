@@ -2,12 +2,14 @@
 
     python benchmarks/allocator.py              # seed and bench steps, and the tutorial's command; RESULTS.md
     python benchmarks/allocator.py --configs tiny --no-tutorial   # a quick check that it runs
+    python benchmarks/allocator.py --configs seed --variants a_fused,d --no-tutorial   # section of its own
 
 Each measurement is its own process, with glibc's default malloc or with keep_freed_memory() called
 first; the two alternate, twice each, and the medians are reported (the tutorial: one run each). Step
 times are for the eager variants of benchmarks/train_step.py: (a) nn.Module + torch.optim.AdamW and (c)
-minifn's donated step.
-The tutorial row runs `minifn train` with the README's tutorial flags and --compile off, end to end.
+minifn's donated step (by default; --variants takes any of them, compiled ones included, and writes a
+section of its own). The tutorial row runs `minifn train` with the README's tutorial flags and --compile off,
+end to end.
 """
 
 from __future__ import annotations
@@ -69,37 +71,44 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="seed,bench", help=f"comma-separated, from {', '.join(STEPS)}")
     parser.add_argument("--no-tutorial", action="store_true", help="skip the end-to-end tutorial run")
+    parser.add_argument("--variants", default="a,c", help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker)))
         return
-    rows = []
+    rows, variants, medians = [], args.variants.split(","), {}
     for name in args.configs.split(","):
-        for variant in ("a", "c"):
+        for variant in variants:
             runs = {mode: [] for mode in MODES}
             for _ in range(2):
                 for mode in MODES:
                     runs[mode].append(child(mode, variant, name))
             step = {m: statistics.median(r["step_s"] for r in runs[m]) for m in MODES}
             rss = {m: max(r["peak_memory_mb"] for r in runs[m]) for m in MODES}
+            medians[name, variant] = step
             rows.append(f"| {name} | ({variant}) {VARIANTS[variant]} | {step['default'] * 1e3:.1f} | "
                         f"{step['keep'] * 1e3:.1f} | {step['default'] / step['keep']:.2f}x | {rss['default']:.0f} | "
                         f"{rss['keep']:.0f} |")
             print(rows[-1], file=sys.stderr, flush=True)
     lines = ["## Keeping freed memory (minifn.allocator)", "", f"Machine: {machine()}", "",
              f"Command: `{' '.join(['python benchmarks/allocator.py', *sys.argv[1:]])}`", "",
-             "Eager steps in their own process, with glibc's default malloc or with `keep_freed_memory()` (what the",
+             "Steps in their own process, with glibc's default malloc or with `keep_freed_memory()` (what the",
              "command line sets); processes alternate, two of each, medians.", "",
              "| config | variant | step ms, default | step ms, kept | speed-up | peak RSS MB, default | "
              "peak RSS MB, kept |", "|---|---|---|---|---|---|---|", *rows]
+    if "a_fused" in variants and "d" in variants:
+        lines += ["", "Compiled (d) against fused AdamW (a_fused), speed ratio: " + "; ".join(
+            f"{name} {medians[name, 'a_fused'][m] / medians[name, 'd'][m]:.2f}x "
+            f"{'with the default malloc' if m == 'default' else 'with freed memory kept'}"
+            for name in args.configs.split(",") for m in MODES) + "."]
     if not args.no_tutorial and MINI_OWL.exists():
         default, keep = (tutorial(mode) for mode in MODES)  # one run each: a run is 1,100 steps
         lines += ["", "The tutorial's command with `--compile off` (README flags, 100 epochs on mini-owl), end to "
                       f"end: {default:.0f} s with the default malloc, {keep:.0f} s kept ({default / keep:.2f}x)."]
     text = "\n".join(lines)
-    write_section(args.output, "allocator", text)
+    write_section(args.output, "allocator" if variants == ["a", "c"] else f"allocator-{'-'.join(variants)}", text)
     print(text)
 
 

@@ -17,7 +17,7 @@ SCRIPTS = [
     ("data.py", ["--quick"], "## Data: prepare and reading from shards"),
     ("sweep.py", ["--quick", "--k", "2"], "## Sweep"),
     ("corpus_training.py", ["--quick", "--steps", "2"], "## Training from a prepared corpus"),
-    ("allocator.py", ["--configs", "tiny", "--no-tutorial"], "## Keeping freed memory"),
+    ("allocator.py", ["--configs", "tiny", "--variants", "a_fused,d", "--no-tutorial"], "## Keeping freed memory"),
     ("tutorial.py", ["--epochs", "1", "--compile", "off"], "## The tutorial's command, end to end"),
     ("compile_ab.py", ["--base", "HEAD", "--configs", "tiny", "--rounds", "1"], "## Cold compile, before and after"),
 ]

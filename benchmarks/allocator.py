@@ -1,4 +1,4 @@
-"""What keeping freed memory in the process (minifn.allocator, set by the command line) buys eager steps.
+"""What keeping freed memory in the process (minifn.allocator, set by the command line) buys a training step.
 
     python benchmarks/allocator.py              # seed and bench steps, and the tutorial's command; RESULTS.md
     python benchmarks/allocator.py --configs tiny --no-tutorial   # a quick check that it runs
@@ -8,8 +8,9 @@ Each measurement is its own process, with glibc's default malloc or with keep_fr
 first; the two alternate, twice each, and the medians are reported (the tutorial: one run each). Step
 times are for the eager variants of benchmarks/train_step.py: (a) nn.Module + torch.optim.AdamW and (c)
 minifn's donated step (by default; --variants takes any of them, compiled ones included, and writes a
-section of its own). The tutorial row runs `minifn train` with the README's tutorial flags and --compile off,
-end to end.
+section of its own; with a_fused and d among them, processes that step those two in turn, two per setting, give
+the compiled step's ratio to fused AdamW, as own-process times are too noisy to compare). The tutorial row
+runs `minifn train` with the README's tutorial flags and --compile off, end to end.
 """
 
 from __future__ import annotations
@@ -52,9 +53,26 @@ def worker(mode: str, variant: str, name: str) -> dict:
     return {"step_s": median_seconds(step, STEPS[name]), "peak_memory_mb": peak_memory_mb()}
 
 
+def together(mode: str, name: str, variants: str) -> dict:
+    """The variants stepping round-robin in one process (noise hits them alike): each one's median step."""
+    if mode == "keep":
+        from minifn.allocator import keep_freed_memory
+
+        assert keep_freed_memory(), "glibc's malloc thresholds could not be set"
+    config, batch_size = CONFIGS[name]
+    steps = {v: build(v, config, batch_size) for v in variants.split(",")}
+    for step in steps.values():
+        step(), step()
+    times = {v: [] for v in steps}
+    for _ in range(STEPS[name]):
+        for v, step in steps.items():
+            times[v].append(median_seconds(step, 1))
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
 def child(*args: str) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, __file__, "--worker", *args], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -74,41 +92,50 @@ def main():
     parser.add_argument("--variants", default="a,c", help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--together", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker)))
         return
-    rows, variants, medians = [], args.variants.split(","), {}
+    if args.together:
+        print(json.dumps(together(*args.together)))
+        return
+    rows, variants = [], args.variants.split(",")
+    own_section = variants != ["a", "c"]
     for name in args.configs.split(","):
         for variant in variants:
             runs = {mode: [] for mode in MODES}
             for _ in range(2):
                 for mode in MODES:
-                    runs[mode].append(child(mode, variant, name))
+                    runs[mode].append(child("--worker", mode, variant, name))
             step = {m: statistics.median(r["step_s"] for r in runs[m]) for m in MODES}
             rss = {m: max(r["peak_memory_mb"] for r in runs[m]) for m in MODES}
-            medians[name, variant] = step
             rows.append(f"| {name} | ({variant}) {VARIANTS[variant]} | {step['default'] * 1e3:.1f} | "
                         f"{step['keep'] * 1e3:.1f} | {step['default'] / step['keep']:.2f}x | {rss['default']:.0f} | "
                         f"{rss['keep']:.0f} |")
             print(rows[-1], file=sys.stderr, flush=True)
-    lines = ["## Keeping freed memory (minifn.allocator)", "", f"Machine: {machine()}", "",
+    title = "## Keeping freed memory (minifn.allocator)" + (f": {', '.join(variants)}" if own_section else "")
+    lines = [title, "", f"Machine: {machine()}", "",
              f"Command: `{' '.join(['python benchmarks/allocator.py', *sys.argv[1:]])}`", "",
              "Steps in their own process, with glibc's default malloc or with `keep_freed_memory()` (what the",
              "command line sets); processes alternate, two of each, medians.", "",
              "| config | variant | step ms, default | step ms, kept | speed-up | peak RSS MB, default | "
              "peak RSS MB, kept |", "|---|---|---|---|---|---|---|", *rows]
-    if "a_fused" in variants and "d" in variants:
-        lines += ["", "Compiled (d) against fused AdamW (a_fused), speed ratio: " + "; ".join(
-            f"{name} {medians[name, 'a_fused'][m] / medians[name, 'd'][m]:.2f}x "
-            f"{'with the default malloc' if m == 'default' else 'with freed memory kept'}"
-            for name in args.configs.split(",") for m in MODES) + "."]
+    if "a_fused" in variants and "d" in variants:  # a ratio of variants: from processes that step both in turn
+        ratios = []
+        for name in args.configs.split(","):
+            for mode in MODES:
+                runs = [child("--together", mode, name, "a_fused,d") for _ in range(2)]
+                ratios.append(f"{name}, {'default malloc' if mode == 'default' else 'freed memory kept'}: "
+                              + " and ".join(f"{r['a_fused'] / r['d']:.2f}x" for r in runs))
+        lines += ["", "Compiled (d) against fused AdamW (a_fused), speed ratio in processes that step both in turn "
+                      "(one figure per process): " + "; ".join(ratios) + "."]
     if not args.no_tutorial and MINI_OWL.exists():
         default, keep = (tutorial(mode) for mode in MODES)  # one run each: a run is 1,100 steps
         lines += ["", "The tutorial's command with `--compile off` (README flags, 100 epochs on mini-owl), end to "
                       f"end: {default:.0f} s with the default malloc, {keep:.0f} s kept ({default / keep:.2f}x)."]
     text = "\n".join(lines)
-    write_section(args.output, "allocator" if variants == ["a", "c"] else f"allocator-{'-'.join(variants)}", text)
+    write_section(args.output, f"allocator-{'-'.join(variants)}" if own_section else "allocator", text)
     print(text)
 
 

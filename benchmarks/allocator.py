@@ -90,6 +90,7 @@ def main():
     parser.add_argument("--configs", default="seed,bench", help=f"comma-separated, from {', '.join(STEPS)}")
     parser.add_argument("--no-tutorial", action="store_true", help="skip the end-to-end tutorial run")
     parser.add_argument("--variants", default="a,c", help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=2, help="processes per variant and malloc setting [2]")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--together", nargs=3, help=argparse.SUPPRESS)
@@ -105,7 +106,7 @@ def main():
     for name in args.configs.split(","):
         for variant in variants:
             runs = {mode: [] for mode in MODES}
-            for _ in range(2):
+            for _ in range(args.repeats):
                 for mode in MODES:
                     runs[mode].append(child("--worker", mode, variant, name))
             step = {m: statistics.median(r["step_s"] for r in runs[m]) for m in MODES}
@@ -118,14 +119,14 @@ def main():
     lines = [title, "", f"Machine: {machine()}", "",
              f"Command: `{' '.join(['python benchmarks/allocator.py', *sys.argv[1:]])}`", "",
              "Steps in their own process, with glibc's default malloc or with `keep_freed_memory()` (what the",
-             "command line sets); processes alternate, two of each, medians.", "",
+             f"command line sets); processes alternate, {args.repeats} of each, medians.", "",
              "| config | variant | step ms, default | step ms, kept | speed-up | peak RSS MB, default | "
              "peak RSS MB, kept |", "|---|---|---|---|---|---|---|", *rows]
     if "a_fused" in variants and "d" in variants:  # a ratio of variants: from processes that step both in turn
         ratios = []
         for name in args.configs.split(","):
             for mode in MODES:
-                runs = [child("--together", mode, name, "a_fused,d") for _ in range(2)]
+                runs = [child("--together", mode, name, "a_fused,d") for _ in range(args.repeats)]
                 ratios.append(f"{name}, {'default malloc' if mode == 'default' else 'freed memory kept'}: "
                               + " and ".join(f"{r['a_fused'] / r['d']:.2f}x" for r in runs))
         lines += ["", "Compiled (d) against fused AdamW (a_fused), speed ratio in processes that step both in turn "

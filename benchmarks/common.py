@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import shutil
 import statistics
 import time
 
@@ -143,6 +144,21 @@ def machine() -> str:
     gpu = f", GPU {torch.cuda.get_device_name()}" if bench_device().type == "cuda" else ""
     return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}")
+
+
+def cache_env(folder: str) -> dict[str, str]:
+    """The environment a child process compiles in: inductor's cache in folder (empty for a cold compile),
+    or, in a smoke run (MINIFN_BENCH_SMOKE=1, the test suite's tiny runs, whose numbers nobody reads), the
+    cache this process inherited, so that the suite compiles each graph once however many scripts build it."""
+    return {} if os.environ.get("MINIFN_BENCH_SMOKE") else {"TORCHINDUCTOR_CACHE_DIR": folder}
+
+
+def merge_caches(folders, into) -> None:
+    """Copy inductor cache folders into one, so a later process loads every graph the earlier cold runs
+    compiled instead of compiling each again (its entries are named by content hashes: merging is safe)."""
+    for folder in folders:
+        if os.path.isdir(folder):  # a variant that compiled nothing, or a smoke run, leaves none
+            shutil.copytree(folder, into, dirs_exist_ok=True)
 
 
 def write_section(path, name: str, text: str) -> None:

@@ -35,8 +35,10 @@ def worker(config_name: str) -> dict:
 
 
 def cold(checkout: Path, config_name: str) -> dict:
+    from common import cache_env
+
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONWARNINGS": "ignore",
+        env = {**os.environ, **cache_env(cache), "PYTHONWARNINGS": "ignore",
                "PYTHONPATH": str(checkout)}
         out = subprocess.run([sys.executable, str(HERE / "compile_ab.py"), "--worker", config_name], cwd=checkout,
                              env=env, capture_output=True, text=True, check=True)

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ["MINIFN_BENCH_DEVICE"] = "cpu"  # a CPU benchmark: its categories are CPU kernels
 
-from common import CONFIGS, build, machine, matmul_peak_flops, step_flops, write_section  # noqa: E402
+from common import CONFIGS, build, cache_env, machine, matmul_peak_flops, step_flops, write_section  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm")),
@@ -82,7 +82,7 @@ def compile_split(config_name: str) -> dict:
 
 
 def child(args, cache):
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **cache_env(cache), "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

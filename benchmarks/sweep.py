@@ -1,7 +1,7 @@
 """Sweep benchmark: K learning rates trained in one compiled, vmapped step against K compiled runs in turn.
 
     python benchmarks/sweep.py                 # K = 8, tiny config, writes its section of RESULTS.md
-    python benchmarks/sweep.py --quick         # fewer rounds
+    python benchmarks/sweep.py --quick         # fewer rounds, no flash-attention row
     python benchmarks/sweep.py --config seed --k 4 --device cuda
 
 Speed: one process builds both (the sweep: minifn.sweep.make_sweep_step over K stacked AdamW states whose
@@ -26,9 +26,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import CONFIGS, batch_for, bench_device, machine, median_seconds, peak_memory_mb, sync, write_section  # noqa: E402, I001
-
 import optree  # noqa: E402
+from common import (  # noqa: E402
+    CONFIGS,
+    batch_for,
+    bench_device,
+    cache_env,
+    machine,
+    median_seconds,
+    merge_caches,
+    peak_memory_mb,
+    sync,
+    write_section,
+)
 
 from minifn import init_params, init_state, optim  # noqa: E402
 from minifn.allocator import keep_freed_memory  # noqa: E402
@@ -83,9 +93,10 @@ def worker(variant: str, config_name: str, k: int, repeats: int) -> dict:
             "state_mb": state_bytes / 2**20}
 
 
-def interleaved(config_name: str, k: int, rounds: int) -> dict:
-    """Both variants in one process, stepping in turn; the medians of their rounds."""
-    names = ("sweep", "sequential") + (("sweep_flash",) if bench_device().type == "cpu" else ())
+def interleaved(config_name: str, k: int, rounds: int, flash: bool) -> dict:
+    """Both variants (and, if flash, the sweep with SDPA's own attention kernel) in one process, stepping in
+    turn; the medians of their rounds."""
+    names = ("sweep", "sequential") + (("sweep_flash",) if flash else ())
     variants = {v: build(v, config_name, k)[0] for v in names}
     for one_round in variants.values():
         one_round()
@@ -97,12 +108,11 @@ def interleaved(config_name: str, k: int, rounds: int) -> dict:
     return {v: sorted(t)[len(t) // 2] for v, t in times.items()}
 
 
-def run_child(args: list[str], cold: bool = False) -> dict:
-    """Run this script with args in a new process, with an empty inductor cache of its own if cold (its first
-    call is then a cold compile); its last line of output, as JSON."""
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", **({"TORCHINDUCTOR_CACHE_DIR": cache} if cold else {})}
-        out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
+def run_child(args: list[str], cache: str) -> dict:
+    """Run this script with args in a new process on the inductor cache folder cache (if it is empty, the
+    first call is a cold compile); its last line of output, as JSON."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **cache_env(cache)}
+    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -148,13 +158,13 @@ Memory ({memory}, each in its own process): the sweep {sweep['peak_memory_mb']:.
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer timed rounds")
+    parser.add_argument("--quick", action="store_true", help="fewer timed rounds, no flash-attention row")
     parser.add_argument("--config", default="tiny", choices=list(CONFIGS))
     parser.add_argument("--k", type=int, default=8, help="members (learning rates)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="[cuda when present]")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--worker", nargs=4, metavar=("VARIANT", "CONFIG", "K", "REPEATS"), help=argparse.SUPPRESS)
-    parser.add_argument("--interleaved", nargs=3, metavar=("CONFIG", "K", "ROUNDS"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", nargs=4, metavar=("CONFIG", "K", "ROUNDS", "FLASH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device:
         os.environ["MINIFN_BENCH_DEVICE"] = args.device  # the worker processes inherit it
@@ -167,14 +177,18 @@ def main():
         print(json.dumps(worker(variant, name, int(k), int(repeats))))
         return
     if args.interleaved:
-        name, k, rounds = args.interleaved
-        print(json.dumps(interleaved(name, int(k), int(rounds))))
+        name, k, rounds, flash = args.interleaved
+        print(json.dumps(interleaved(name, int(k), int(rounds), flash == "1")))
         return
     repeats, rounds = (3, 5) if args.quick else (10, 20)
-    alone = {v: run_child(["--worker", v, args.config, str(args.k), str(repeats)], cold=True)
-             for v in ("sweep", "sequential")}
-    alone["single"] = run_child(["--worker", "sequential", args.config, "1", str(repeats)])
-    together = run_child(["--interleaved", args.config, str(args.k), str(rounds)])
+    with tempfile.TemporaryDirectory() as tmp:
+        caches = {v: os.path.join(tmp, v) for v in ("sweep", "sequential")}  # each cold compile from nothing
+        alone = {v: run_child(["--worker", v, args.config, str(args.k), str(repeats)], caches[v]) for v in caches}
+        shared = os.path.join(tmp, "all")
+        merge_caches(caches.values(), shared)  # the later processes load those graphs
+        alone["single"] = run_child(["--worker", "sequential", args.config, "1", str(repeats)], shared)
+        flash = bench_device().type == "cpu" and not args.quick  # on a GPU the sweep takes SDPA's choice anyway
+        together = run_child(["--interleaved", args.config, str(args.k), str(rounds), str(int(flash))], shared)
     command = ("python benchmarks/sweep.py " + " ".join(sys.argv[1:])).strip()
     text = report(args.config, args.k, alone, together, command)
     write_section(args.output, "sweep", text)

@@ -31,9 +31,11 @@ from common import (  # noqa: E402
     VARIANTS,
     bench_device,
     build,
+    cache_env,
     machine,
     matmul_peak_flops,
     median_seconds,
+    merge_caches,
     peak_memory_mb,
     step_flops,
     sync,
@@ -69,7 +71,7 @@ def interleaved(config_name: str, rounds: int, variants: list[str]) -> dict:
 
 
 def run_child(args: list[str], cache: str) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **cache_env(cache), "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -78,13 +80,15 @@ def measure(config_names: list[str], repeats: int, rounds: int, variants: list[s
     results = {}
     for name in config_names:
         per_variant = {}
-        with tempfile.TemporaryDirectory() as shared:
+        with tempfile.TemporaryDirectory() as tmp:
+            caches = {v: os.path.join(tmp, v) for v in variants}  # each variant's cold compile starts from nothing
             for v in variants:
-                with tempfile.TemporaryDirectory() as cache:  # each variant's cold compile starts from nothing
-                    cold = run_child(["--worker", v, name, str(repeats)], cache)
-                    warm = run_child(["--worker", v, name, str(repeats)], cache)
+                cold = run_child(["--worker", v, name, str(repeats)], caches[v])
+                warm = run_child(["--worker", v, name, str(repeats)], caches[v])
                 per_variant[v] = {"cold": cold, "warm": warm}
                 print(f"{name} {v}: {cold}", file=sys.stderr, flush=True)
+            shared = os.path.join(tmp, "all")
+            merge_caches(caches.values(), shared)  # no variant compiles twice
             together = run_child(["--interleaved", name, str(rounds), ",".join(variants)], shared)
         results[name] = {"variants": per_variant, "interleaved": together}
     return results

@@ -17,7 +17,8 @@ SCRIPTS = [
     ("data.py", ["--quick"], "## Data: prepare and reading from shards"),
     ("sweep.py", ["--quick", "--k", "2"], "## Sweep"),
     ("corpus_training.py", ["--quick", "--steps", "2"], "## Training from a prepared corpus"),
-    ("allocator.py", ["--configs", "tiny", "--variants", "a_fused,d", "--no-tutorial"], "## Keeping freed memory"),
+    ("allocator.py", ["--configs", "tiny", "--variants", "a_fused,d", "--no-tutorial",
+                      "--repeats", "1"], "## Keeping freed memory"),
     ("tutorial.py", ["--epochs", "1", "--compile", "off"], "## The tutorial's command, end to end"),
     ("compile_ab.py", ["--base", "HEAD", "--configs", "tiny", "--rounds", "1"], "## Cold compile, before and after"),
 ]
@@ -29,7 +30,7 @@ def test_benchmark_script_runs_and_writes_its_section(tmp_path, script, args, he
     if script == "tutorial.py":
         shared_file("mini-owl.md")  # skips when the shared data folder is absent
     out = tmp_path / "RESULTS.md"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MINIFN_BENCH_SMOKE": "1"}  # compile each graph once
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--output", str(out)],
                    check=True, capture_output=True, text=True, env=env, timeout=600)
     text = out.read_text()

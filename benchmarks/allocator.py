@@ -5,10 +5,10 @@
     python benchmarks/allocator.py --configs seed --variants a_fused,d --no-tutorial   # section of its own
 
 Each measurement is its own process, with glibc's default malloc or with keep_freed_memory() called
-first; the two alternate, twice each, and the medians are reported (the tutorial: one run each). Step
+first; the two alternate, --repeats times each (2), and the medians are reported (the tutorial: one run each). Step
 times are for the eager variants of benchmarks/train_step.py: (a) nn.Module + torch.optim.AdamW and (c)
 minifn's donated step (by default; --variants takes any of them, compiled ones included, and writes a
-section of its own; with a_fused and d among them, processes that step those two in turn, two per setting, give
+section of its own; with a_fused and d among them, processes that step those two in turn, --repeats per setting, give
 the compiled step's ratio to fused AdamW, as own-process times are too noisy to compare). The tutorial row
 runs `minifn train` with the README's tutorial flags and --compile off, end to end.
 """

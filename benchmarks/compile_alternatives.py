@@ -37,7 +37,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import CONFIGS, LR, WEIGHT_DECAY, batch_for, machine, write_section  # noqa: E402
+from common import CONFIGS, LR, WEIGHT_DECAY, batch_for, cache_env, machine, write_section  # noqa: E402
 
 from minifn import init_params, optim  # noqa: E402
 from minifn.losses import IGNORE_INDEX  # noqa: E402
@@ -146,7 +146,7 @@ def background(name: str, rounds: int) -> dict:
 
 
 def child(args: list[str], cache: str) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **cache_env(cache), "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import CONFIGS, LR, WEIGHT_DECAY, batch_for, machine, write_section  # noqa: E402
+from common import CONFIGS, LR, WEIGHT_DECAY, batch_for, cache_env, machine, write_section  # noqa: E402
 
 from minifn import init_params, optim  # noqa: E402
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile  # noqa: E402
@@ -87,7 +87,7 @@ def main():
     for name in args.configs:
         for variant in VARIANTS:
             with tempfile.TemporaryDirectory() as cache:
-                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONWARNINGS": "ignore"}
+                env = {**os.environ, **cache_env(cache), "PYTHONWARNINGS": "ignore"}
                 out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", variant, name],
                                      env=env, capture_output=True, text=True, check=True)
             results[name, variant] = json.loads(out.stdout.strip().splitlines()[-1])

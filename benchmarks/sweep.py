@@ -5,11 +5,13 @@
     python benchmarks/sweep.py --config seed --k 4 --device cuda
 
 Speed: one process builds both (the sweep: minifn.sweep.make_sweep_step over K stacked AdamW states whose
-learning rates differ; the sequential runs: one compiled train_step called on each of K states) and steps
-them round-robin, so machine noise hits both alike; the ratio is of medians. Memory: each variant in its
-own process (peak RSS on a CPU, the allocator's peak on a GPU), the sweep against one run, which K
-separate runs would need K times over. Every process keeps freed memory (minifn.allocator), as the
-command line does.
+learning rates differ, written in place as `minifn sweep` runs it; the sequential runs: one compiled
+train_step called on each of K states) and steps them round-robin, so machine noise hits both alike; the
+ratio is of medians. Several such processes run one after another (--processes): on a shared 2-core machine
+the same two steps compare differently from one process to the next, so the report gives each ratio and
+their median. Memory: each variant in its own process (peak RSS on a CPU, the allocator's peak on a GPU),
+the sweep against one run, which K separate runs would need K times over. Every process keeps freed memory
+(minifn.allocator), as the command line does.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def lrs(k: int) -> list[float]:
 
 def build(variant: str, config_name: str, k: int):
     """(one round: K optimizer steps of every member, its state bytes) for 'sweep', 'sweep_flash' (attention
-    left to SDPA's choice of kernel instead of the math form a CPU sweep runs) or 'sequential'."""
+    left to SDPA's choice of kernel instead of the math form a CPU sweep runs), 'sweep_pure' (a new state
+    each step, not written in place) or 'sequential'."""
     config, batch_size = CONFIGS[config_name]
     device = bench_device()
     tx = optim.adamw(lr=BASE_LR, weight_decay=WEIGHT_DECAY)
@@ -64,7 +67,8 @@ def build(variant: str, config_name: str, k: int):
     if variant.startswith("sweep"):
         holder = [sweep_states(params, tx, [{"lr": lr} for lr in lrs(k)])]
         math_attention = False if variant == "sweep_flash" else None
-        step = make_sweep_step(config, tx, math_attention=math_attention, compile="on", device=device)
+        step = make_sweep_step(config, tx, math_attention=math_attention, inplace=variant != "sweep_pure",
+                               compile="on", device=device)
 
         def one_round():
             holder[0], _ = step(holder[0], batch)
@@ -93,10 +97,8 @@ def worker(variant: str, config_name: str, k: int, repeats: int) -> dict:
             "state_mb": state_bytes / 2**20}
 
 
-def interleaved(config_name: str, k: int, rounds: int, flash: bool) -> dict:
-    """Both variants (and, if flash, the sweep with SDPA's own attention kernel) in one process, stepping in
-    turn; the medians of their rounds."""
-    names = ("sweep", "sequential") + (("sweep_flash",) if flash else ())
+def interleaved(config_name: str, k: int, rounds: int, names: list[str]) -> dict:
+    """The variants named in one process, stepping in turn; the medians of their rounds."""
     variants = {v: build(v, config_name, k)[0] for v in names}
     for one_round in variants.values():
         one_round()
@@ -116,18 +118,26 @@ def run_child(args: list[str], cache: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(config_name: str, k: int, alone: dict, together: dict, command: str) -> str:
+def report(config_name: str, k: int, alone: dict, runs: list[dict], extras: dict | None, command: str) -> str:
     config, batch_size = CONFIGS[config_name]
     memory = "peak GPU memory" if bench_device().type == "cuda" else "peak RSS"
     sweep, seq = alone["sweep"], alone["sequential"]
     one_run = {**seq, "peak_memory_mb": alone["single"]["peak_memory_mb"], "state_mb": alone["single"]["state_mb"]}
+    ratios = sorted(r["sequential"] / r["sweep"] for r in runs)
+    together = sorted(runs, key=lambda r: r["sequential"] / r["sweep"])[len(runs) // 2]  # the median ratio's run
     ratio = together["sequential"] / together["sweep"]
+    each = ", ".join(f"{r:.2f}x" for r in ratios)
+    spread = "" if len(runs) == 1 else f" (the median of {len(runs)} processes: {each})"
     flash = ""
-    if "sweep_flash" in together:
+    if extras:
         flash = f"""
 Attention in the sweep: SDPA's math form (what a CPU sweep runs, minifn.sweep.math_attention_pays) \
-{together['sweep'] * 1e3:.1f} ms per round against {together['sweep_flash'] * 1e3:.1f} ms with SDPA's own choice, \
-the flash kernel, which vmap runs once per member (interleaved): **{together['sweep_flash'] / together['sweep']:.2f}x**.
+{extras['sweep'] * 1e3:.1f} ms per round against {extras['sweep_flash'] * 1e3:.1f} ms with SDPA's own choice, \
+the flash kernel, which vmap runs once per member: **{extras['sweep_flash'] / extras['sweep']:.2f}x**.
+
+Writing the new states in place: {extras['sweep'] * 1e3:.1f} ms per round against {extras['sweep_pure'] * 1e3:.1f} \
+ms for the pure sweep, which returns new tensors: **{extras['sweep_pure'] / extras['sweep']:.2f}x**. (These three \
+sweeps step in turn in a process of their own, without the runs in turn.)
 """
     return f"""## Sweep
 
@@ -138,8 +148,10 @@ Command: `{command}`
 {k} learning rates ({', '.join(f'{lr:.1e}' for lr in lrs(k))}; AdamW, weight decay {WEIGHT_DECAY}), {config_name} \
 config (embed {config.embed_dim}, {config.num_layers} layers, vocab {config.vocab_size}, seq {config.max_seq_len}, \
 batch {batch_size}), every member on the same batch: one compiled `make_sweep_step` over the {k} stacked states \
-versus {k} calls of one compiled `train_step` on {k} states, stepping in turn in one process. Every process \
-keeps freed memory (`minifn.allocator`), as `minifn sweep` and `minifn train` do.
+versus {k} calls of one compiled `train_step` on {k} states, stepping in turn in one process. The sweep \
+writes its new states into the old ones (`inplace=True`), as `minifn sweep` does; the runs in turn use the pure \
+step, which at this size is faster than the donated one. Every process keeps freed memory (`minifn.allocator`), \
+as `minifn sweep` and `minifn train` do. Interleaved ratio{spread}.
 
 | | sweep, one step | {k} runs in turn | ratio |
 |---|---|---|---|
@@ -158,13 +170,16 @@ Memory ({memory}, each in its own process): the sweep {sweep['peak_memory_mb']:.
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer timed rounds, no flash-attention row")
+    parser.add_argument("--quick", action="store_true", help="fewer timed rounds, no flash-attention or pure rows")
     parser.add_argument("--config", default="tiny", choices=list(CONFIGS))
     parser.add_argument("--k", type=int, default=8, help="members (learning rates)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="[cuda when present]")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds per interleaved process [200; --quick 20]")
+    parser.add_argument("--processes", type=int, default=None, help="interleaved processes, in turn [3; --quick 1]")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--worker", nargs=4, metavar=("VARIANT", "CONFIG", "K", "REPEATS"), help=argparse.SUPPRESS)
-    parser.add_argument("--interleaved", nargs=4, metavar=("CONFIG", "K", "ROUNDS", "FLASH"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", nargs=4, metavar=("CONFIG", "K", "ROUNDS", "VARIANTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device:
         os.environ["MINIFN_BENCH_DEVICE"] = args.device  # the worker processes inherit it
@@ -177,10 +192,12 @@ def main():
         print(json.dumps(worker(variant, name, int(k), int(repeats))))
         return
     if args.interleaved:
-        name, k, rounds, flash = args.interleaved
-        print(json.dumps(interleaved(name, int(k), int(rounds), flash == "1")))
+        name, k, rounds, variants = args.interleaved
+        print(json.dumps(interleaved(name, int(k), int(rounds), variants.split(","))))
         return
-    repeats, rounds = (3, 5) if args.quick else (10, 20)
+    repeats, rounds, processes = (3, 20, 1) if args.quick else (10, 200, 3)
+    rounds, processes = args.rounds or rounds, args.processes or processes
+    cpu_extras = bench_device().type == "cpu" and not args.quick
     with tempfile.TemporaryDirectory() as tmp:
         caches = {v: os.path.join(tmp, v) for v in ("sweep", "sequential", "single")}  # each compiles cold
         alone = {v: run_child(["--worker", v, args.config, str(args.k), str(repeats)], caches[v])
@@ -189,10 +206,13 @@ def main():
         alone["single"] = run_child(["--worker", "sequential", args.config, "1", str(repeats)], caches["single"])
         shared = os.path.join(tmp, "all")
         merge_caches([caches["sweep"], caches["sequential"]], shared)  # the interleaved process loads both
-        flash = bench_device().type == "cpu" and not args.quick  # on a GPU the sweep takes SDPA's choice anyway
-        together = run_child(["--interleaved", args.config, str(args.k), str(rounds), str(int(flash))], shared)
+        interleave = lambda names: run_child(["--interleaved", args.config, str(args.k), str(rounds),  # noqa: E731
+                                              ",".join(names)], shared)
+        runs = [interleave(["sweep", "sequential"]) for _ in range(processes)]
+        # how the sweep's attention and writing in place pay, on a CPU (on a GPU it takes SDPA's choice anyway)
+        extras = interleave(["sweep", "sweep_flash", "sweep_pure"]) if cpu_extras else None
     command = ("python benchmarks/sweep.py " + " ".join(sys.argv[1:])).strip()
-    text = report(args.config, args.k, alone, together, command)
+    text = report(args.config, args.k, alone, runs, extras, command)
     write_section(args.output, "sweep", text)
     print(text)
 

@@ -87,13 +87,18 @@ def math_attention_pays(states: TrainState, batch: Batch, config: ModelConfig) -
 
 
 def sweep_step(states: TrainState, batch: Batch, dropout_rates: Tensor | None = None, *,
-               math_attention: bool | None = None, **step_kwargs):
+               math_attention: bool | None = None, inplace: bool = False, **step_kwargs):
     """train_step for every member of states (stacked) on one shared batch; metrics are [K], plus frozen.
-    math_attention: SDPA's math form or its own choice of kernel (None: math_attention_pays decides)."""
+    math_attention: SDPA's math form or its own choice of kernel (None: math_attention_pays decides).
+    inplace: write the new states into states' tensors (compiled, the last kernels write them there, so
+    the step keeps one copy of the stacked states; eagerly it is one more pass, a copy)."""
     if math_attention is None:
         math_attention = math_attention_pays(states, batch, step_kwargs["config"])
     with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
-        return _sweep_step(states, batch, dropout_rates, **step_kwargs)
+        new, metrics = _sweep_step(states, batch, dropout_rates, **step_kwargs)
+    if inplace:
+        new = trees.rebuild(states, [old.copy_(x) for old, x in zip(trees.leaves(states), trees.leaves(new))])
+    return new, metrics
 
 
 def _sweep_step(states: TrainState, batch: Batch, dropout_rates: Tensor | None, **step_kwargs):
@@ -110,7 +115,8 @@ def _sweep_step(states: TrainState, batch: Batch, dropout_rates: Tensor | None, 
 def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation, loss_fn: Loss = cross_entropy,
                     *, reduction: str = "mean", autocast_dtype: torch.dtype | None = None,
                     dropout_rates: list[float] | None = None, ema_debias: bool = True, log_gns: bool = False,
-                    math_attention: bool | None = None, compile: str = "auto", device: torch.device | str = "cpu"):
+                    math_attention: bool | None = None, inplace: bool = False, compile: str = "auto",
+                    device: torch.device | str = "cpu"):
     """sweep_step bound to a config, optimizer and loss, compiled per `compile`: step(states, batch).
 
     Args:
@@ -123,6 +129,7 @@ def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation
       ema_debias: as make_train_step, for states with an EMA.
       log_gns: as make_train_step (per-member noise-scale metrics).
       math_attention: as sweep_step (None: math_attention_pays decides).
+      inplace: as sweep_step: the caller must not use the old states afterwards (minifn sweep passes True).
       compile: 'auto', 'on' or 'off' (see minifn.compiling).
       device: where the states live; decides whether compiling is possible."""
     skeleton(config)
@@ -132,6 +139,6 @@ def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation
         rates = torch.tensor(dropout_rates, dtype=torch.float64, device=device)  # [K]: per member, as data
     step = functools.partial(sweep_step, config=config, optimizer=optimizer, loss_fn=loss_fn, reduction=reduction,
                              autocast_dtype=autocast_dtype, ema_debias=ema_debias, log_gns=log_gns,
-                             math_attention=math_attention)
+                             math_attention=math_attention, inplace=inplace)
     compiled = maybe_compile(step, compile, device, None if rates is None else DROPOUT_OPTIONS)
     return compiled if rates is None else (lambda states, batch: compiled(states, batch, rates))

@@ -89,7 +89,8 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
     folder.mkdir(parents=True, exist_ok=True)
     step = make_sweep_step(su.config.model, su.optimizer, loss_from_config(rc.criterion, rc.label_smoothing),
                            reduction=rc.reduction, autocast_dtype=su.autocast_dtype,
-                           dropout_rates=[c.run.dropout for c in configs], compile=rc.compile, device=su.device)
+                           dropout_rates=[c.run.dropout for c in configs], inplace=True, compile=rc.compile,
+                           device=su.device)
     evaluate = su.evaluator()
     resumed = [p.exists() and not rc.fresh for p in paths]
     logs = [MetricsLog(checkpoint.metrics_path(p), h["run_id"], int(m[0].step), r)

@@ -94,9 +94,13 @@ def test_eager_members_equal_their_runs_alone_with_their_own_dropout_and_seed():
 
 @pytest.fixture(scope="module")
 def compiled_sweep():
-    """The one compiled sweep step the tests share (SGD with momentum and decay, EMA and noise scale on):
-    about 40 s."""
-    return make_sweep_step(CONFIG, optim.sgd(**SGD), log_gns=True, compile="on")
+    """The one compiled sweep step the tests share (SGD with momentum and decay, EMA and noise scale on,
+    writing into its input states as minifn sweep runs): about 40 s."""
+    return make_sweep_step(CONFIG, optim.sgd(**SGD), log_gns=True, inplace=True, compile="on")
+
+
+def storage(tree) -> list[int]:
+    return [x.untyped_storage().data_ptr() for x in optree.tree_leaves(tree)]
 
 
 @pytest.mark.slow
@@ -104,9 +108,10 @@ def test_compiled_members_equal_their_runs_alone(compiled_sweep):
     params = init_params(CONFIG, int(torch.randint(0, 1000, ())))
     states = sweep_states(params, optim.sgd(**SGD), SGD_MEMBERS, ema=EMA)
     batches_ = data()
+    first = storage(states)
     for batch in batches_:
         states, metrics = compiled_sweep(states, batch)
-    assert not metrics["frozen"].any()
+    assert not metrics["frozen"].any() and storage(states) == first  # the same tensors, written in place
     for k, (hyper, member) in enumerate(zip(SGD_MEMBERS, unstack_trees(states))):
         solo, solo_metrics = alone(params, hyper, batches_, base=SGD, make=optim.sgd, log_gns=True)
         assert_same(member, solo[-1], COMPILED_TOL)
@@ -146,11 +151,12 @@ def test_a_diverging_member_is_frozen_and_the_others_go_on(compiled, lr, request
     states = sweep_states(params, optim.sgd(**SGD), members, ema=EMA)
     step = request.getfixturevalue("compiled_sweep") if compiled else make_sweep_step(CONFIG, optim.sgd(**SGD),
                                                                                        compile="off")
-    frozen, history = [], [unstack_trees(states)[1]]
+    member = lambda: optree.tree_map(torch.clone, unstack_trees(states)[1])  # noqa: E731 - copies: states change in place
+    frozen, history = [], [member()]
     for batch in batches_:
         states, metrics = step(states, batch)
         frozen.append(metrics["frozen"].tolist())
-        history.append(unstack_trees(states)[1])
+        history.append(member())
     bad_step = 1 + [f[1] for f in frozen].index(True)  # the step (1-based) whose result was not finite
     assert lr != math.inf or bad_step == 1
     assert frozen == [[False, False, False]] * (bad_step - 1) + [[False, True, False]] * (len(batches_) - bad_step + 1)
@@ -166,6 +172,19 @@ def test_a_diverging_member_is_frozen_and_the_others_go_on(compiled, lr, request
     tol = COMPILED_TOL if compiled else EAGER_TOL
     for k in (0, 2):
         assert_same(runs[k], alone(params, members[k], batches_, base=SGD, make=optim.sgd)[0][-1], tol, whole=True)
+
+
+def test_an_inplace_sweep_writes_the_pure_steps_values_into_its_input_states():
+    tx = optim.adamw(lr=1e-3, weight_decay=0.1)
+    states = sweep_states(init_params(CONFIG, 0), tx, [dict(lr=3e-3), dict(lr=1e-2)], ema=EMA)
+    before = optree.tree_map(torch.clone, states)
+    batch = data(1)[0]
+    pure, _ = make_sweep_step(CONFIG, tx, compile="off")(states, batch)
+    assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(states), optree.tree_leaves(before)))
+    written, _ = make_sweep_step(CONFIG, tx, inplace=True, compile="off")(states, batch)
+    assert storage(written) == storage(states)
+    assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(states), optree.tree_leaves(pure)))
+    assert not torch.equal(states.params["embed.weight"], before.params["embed.weight"])
 
 
 def test_a_member_behind_the_others_stays_frozen_even_when_its_step_would_be_finite():

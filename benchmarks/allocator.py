@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import CONFIGS, VARIANTS, build, machine, median_seconds, peak_memory_mb, write_section  # noqa: E402
+from common import (  # noqa: E402
+    CONFIGS,
+    VARIANTS,
+    build,
+    machine,
+    median_seconds,
+    peak_memory_mb,
+    run_script,
+    write_section,
+)
 
 MODES = ("default", "keep")
 STEPS = {"seed": 20, "bench": 6, "tiny": 3}  # timed steps per process
@@ -70,13 +78,6 @@ def together(mode: str, name: str, variants: str) -> dict:
     return {v: statistics.median(t) for v, t in times.items()}
 
 
-def child(*args: str) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def tutorial(mode: str) -> float:
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
@@ -108,7 +109,7 @@ def main():
             runs = {mode: [] for mode in MODES}
             for _ in range(args.repeats):
                 for mode in MODES:
-                    runs[mode].append(child("--worker", mode, variant, name))
+                    runs[mode].append(run_script(__file__, ["--worker", mode, variant, name]))
             step = {m: statistics.median(r["step_s"] for r in runs[m]) for m in MODES}
             rss = {m: max(r["peak_memory_mb"] for r in runs[m]) for m in MODES}
             rows.append(f"| {name} | ({variant}) {VARIANTS[variant]} | {step['default'] * 1e3:.1f} | "
@@ -126,7 +127,7 @@ def main():
         ratios = []
         for name in args.configs.split(","):
             for mode in MODES:
-                runs = [child("--together", mode, name, "a_fused,d") for _ in range(args.repeats)]
+                runs = [run_script(__file__, ["--together", mode, name, "a_fused,d"]) for _ in range(args.repeats)]
                 ratios.append(f"{name}, {'default malloc' if mode == 'default' else 'freed memory kept'}: "
                               + " and ".join(f"{r['a_fused'] / r['d']:.2f}x" for r in runs))
         lines += ["", "Compiled (d) against fused AdamW (a_fused), speed ratio in processes that step both in turn "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -151,6 +154,23 @@ def cache_env(folder: str) -> dict[str, str]:
     or, in a smoke run (MINIFN_BENCH_SMOKE=1, the test suite's tiny runs, whose numbers nobody reads), the
     cache this process inherited, so that the suite compiles each graph once however many scripts build it."""
     return {} if os.environ.get("MINIFN_BENCH_SMOKE") else {"TORCHINDUCTOR_CACHE_DIR": folder}
+
+
+def run_script(script, args: list[str], cache: str | None = None, cwd=None, env: dict | None = None) -> dict:
+    """Run a benchmark script in a new Python process and return its last line of output, read as JSON (how
+    every script's parent reads its workers).
+
+    Args:
+      script: the script's path (a parent passes its own __file__).
+      args: its command-line arguments.
+      cache: the inductor cache folder it compiles in, per cache_env (None: this process's cache).
+      cwd: its working folder (None: this one's).
+      env: more environment variables for it."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(cache_env(cache) if cache else {}), **(env or {})}
+    out = subprocess.run([sys.executable, str(script), *args], env=full_env, cwd=cwd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{script} {' '.join(args)} exited with {out.returncode}:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def merge_caches(folders, into) -> None:

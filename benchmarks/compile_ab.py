@@ -35,14 +35,11 @@ def worker(config_name: str) -> dict:
 
 
 def cold(checkout: Path, config_name: str) -> dict:
-    from common import cache_env
+    from common import run_script
 
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, **cache_env(cache), "PYTHONWARNINGS": "ignore",
-               "PYTHONPATH": str(checkout)}
-        out = subprocess.run([sys.executable, str(HERE / "compile_ab.py"), "--worker", config_name], cwd=checkout,
-                             env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_script(HERE / "compile_ab.py", ["--worker", config_name], cache, cwd=checkout,
+                          env={"PYTHONPATH": str(checkout)})
 
 
 def main():

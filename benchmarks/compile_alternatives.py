@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +35,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import CONFIGS, LR, WEIGHT_DECAY, batch_for, cache_env, machine, write_section  # noqa: E402
+from common import CONFIGS, LR, WEIGHT_DECAY, batch_for, machine, run_script, write_section  # noqa: E402
 
 from minifn import init_params, optim  # noqa: E402
 from minifn.losses import IGNORE_INDEX  # noqa: E402
@@ -145,12 +143,6 @@ def background(name: str, rounds: int) -> dict:
             "compile_s": done["s"]}
 
 
-def child(args: list[str], cache: str) -> dict:
-    env = {**os.environ, **cache_env(cache), "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="seed", choices=list(CONFIGS))
@@ -172,13 +164,13 @@ def main():
     first = {}
     for variant in STEPS:
         with tempfile.TemporaryDirectory() as cache:
-            cold, warm = child([*options, "--child", "first", variant], cache), child(
-                [*options, "--child", "first", variant], cache)
+            cold = run_script(__file__, [*options, "--child", "first", variant], cache)  # the cache starts empty
+            warm = run_script(__file__, [*options, "--child", "first", variant], cache)
             first[variant] = (cold["first_s"], warm["first_s"])
     with tempfile.TemporaryDirectory() as cache:
-        steps = child([*options, "--child", "interleaved"], cache)
+        steps = run_script(__file__, [*options, "--child", "interleaved"], cache)
     with tempfile.TemporaryDirectory() as cache:
-        bg = child([*options, "--child", "background"], cache)
+        bg = run_script(__file__, [*options, "--child", "background"], cache)
     alone_in_compile = bg["compile_s"] / bg["alone_s"]
     command = f"python benchmarks/compile_alternatives.py {' '.join(sys.argv[1:])}".strip()
     lines = ["## Compile-time alternatives", "", f"Machine: {machine()}", "", f"Command: `{command}`",

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import CONFIGS, LR, WEIGHT_DECAY, batch_for, cache_env, machine, write_section  # noqa: E402
+from common import CONFIGS, LR, WEIGHT_DECAY, batch_for, machine, run_script, write_section  # noqa: E402
 
 from minifn import init_params, optim  # noqa: E402
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile  # noqa: E402
@@ -87,10 +85,8 @@ def main():
     for name in args.configs:
         for variant in VARIANTS:
             with tempfile.TemporaryDirectory() as cache:
-                env = {**os.environ, **cache_env(cache), "PYTHONWARNINGS": "ignore"}
-                out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", variant, name],
-                                     env=env, capture_output=True, text=True, check=True)
-            results[name, variant] = json.loads(out.stdout.strip().splitlines()[-1])
+                results[name, variant] = run_script(__file__, ["--steps", str(args.steps), "--child", variant, name],
+                                                    cache)
             print(name, variant, results[name, variant], flush=True)
     command = f"python benchmarks/dropout_compile.py {' '.join(sys.argv[1:])}".strip()
     lines = ["## Dropout in the compiled step", "", f"Machine: {machine()}", "", f"Command: `{command}`", "",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ["MINIFN_BENCH_DEVICE"] = "cpu"  # a CPU benchmark: its categories are CPU kernels
 
-from common import CONFIGS, build, cache_env, machine, matmul_peak_flops, step_flops, write_section  # noqa: E402
+from common import CONFIGS, build, machine, matmul_peak_flops, run_script, step_flops, write_section  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm")),
@@ -81,13 +80,6 @@ def compile_split(config_name: str) -> dict:
     return {"first_step_s": first, "dynamo_s": total - backend, "aot_s": aot - inductor, "inductor_s": inductor}
 
 
-def child(args, cache):
-    env = {**os.environ, **cache_env(cache), "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="seed,bench")
@@ -102,8 +94,9 @@ def main():
              f"Command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`", ""]
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as cache:
-            cold, warm = child(["compile", name], cache), child(["compile", name], cache)
-            prof = child(["profile", name], cache)
+            cold = run_script(__file__, ["--child", "compile", name], cache)  # the cache starts empty
+            warm = run_script(__file__, ["--child", "compile", name], cache)
+            prof = run_script(__file__, ["--child", "profile", name], cache)
         matmul = prof["totals"].get("matrix multiplies", 0.0)
         lines += [f"### {name}", "",
                   f"Step {prof['wall_s'] * 1e3:.0f} ms under the profiler; matmuls run at "

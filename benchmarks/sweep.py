@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,11 +32,11 @@ from common import (  # noqa: E402
     CONFIGS,
     batch_for,
     bench_device,
-    cache_env,
     machine,
     median_seconds,
     merge_caches,
     peak_memory_mb,
+    run_script,
     sync,
     write_section,
 )
@@ -108,14 +107,6 @@ def interleaved(config_name: str, k: int, rounds: int, names: list[str]) -> dict
         for v, one_round in variants.items():
             times[v].append(median_seconds(one_round, 1))
     return {v: sorted(t)[len(t) // 2] for v, t in times.items()}
-
-
-def run_child(args: list[str], cache: str) -> dict:
-    """Run this script with args in a new process on the inductor cache folder cache (if it is empty, the
-    first call is a cold compile); its last line of output, as JSON."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", **cache_env(cache)}
-    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def report(config_name: str, k: int, alone: dict, runs: list[dict], extras: dict | None, command: str) -> str:
@@ -200,14 +191,15 @@ def main():
     cpu_extras = bench_device().type == "cpu" and not args.quick
     with tempfile.TemporaryDirectory() as tmp:
         caches = {v: os.path.join(tmp, v) for v in ("sweep", "sequential", "single")}  # each compiles cold
-        alone = {v: run_child(["--worker", v, args.config, str(args.k), str(repeats)], caches[v])
+        alone = {v: run_script(__file__, ["--worker", v, args.config, str(args.k), str(repeats)], caches[v])
                  for v in ("sweep", "sequential")}
         # one run alone compiles cold as well, so that its peak memory is measured as the sweep's is
-        alone["single"] = run_child(["--worker", "sequential", args.config, "1", str(repeats)], caches["single"])
+        alone["single"] = run_script(__file__, ["--worker", "sequential", args.config, "1", str(repeats)],
+                                     caches["single"])
         shared = os.path.join(tmp, "all")
         merge_caches([caches["sweep"], caches["sequential"]], shared)  # the interleaved process loads both
-        interleave = lambda names: run_child(["--interleaved", args.config, str(args.k), str(rounds),  # noqa: E731
-                                              ",".join(names)], shared)
+        interleave = lambda names: run_script(  # noqa: E731
+            __file__, ["--interleaved", args.config, str(args.k), str(rounds), ",".join(names)], shared)
         runs = [interleave(["sweep", "sequential"]) for _ in range(processes)]
         # how the sweep's attention and writing in place pay, on a CPU (on a GPU it takes SDPA's choice anyway)
         extras = interleave(["sweep", "sweep_flash", "sweep_pure"]) if cpu_extras else None

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,12 +30,12 @@ from common import (  # noqa: E402
     VARIANTS,
     bench_device,
     build,
-    cache_env,
     machine,
     matmul_peak_flops,
     median_seconds,
     merge_caches,
     peak_memory_mb,
+    run_script,
     step_flops,
     sync,
     write_section,
@@ -70,12 +69,6 @@ def interleaved(config_name: str, rounds: int, variants: list[str]) -> dict:
     return {"step_s": {v: statistics.median(t) for v, t in times.items()}, "peak_flops": matmul_peak_flops()}
 
 
-def run_child(args: list[str], cache: str) -> dict:
-    env = {**os.environ, **cache_env(cache), "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def measure(config_names: list[str], repeats: int, rounds: int, variants: list[str]) -> dict:
     results = {}
     for name in config_names:
@@ -83,13 +76,13 @@ def measure(config_names: list[str], repeats: int, rounds: int, variants: list[s
         with tempfile.TemporaryDirectory() as tmp:
             caches = {v: os.path.join(tmp, v) for v in variants}  # each variant's cold compile starts from nothing
             for v in variants:
-                cold = run_child(["--worker", v, name, str(repeats)], caches[v])
-                warm = run_child(["--worker", v, name, str(repeats)], caches[v])
+                cold = run_script(__file__, ["--worker", v, name, str(repeats)], caches[v])
+                warm = run_script(__file__, ["--worker", v, name, str(repeats)], caches[v])
                 per_variant[v] = {"cold": cold, "warm": warm}
                 print(f"{name} {v}: {cold}", file=sys.stderr, flush=True)
             shared = os.path.join(tmp, "all")
             merge_caches(caches.values(), shared)  # no variant compiles twice
-            together = run_child(["--interleaved", name, str(rounds), ",".join(variants)], shared)
+            together = run_script(__file__, ["--interleaved", name, str(rounds), ",".join(variants)], shared)
         results[name] = {"variants": per_variant, "interleaved": together}
     return results
 

@@ -103,13 +103,22 @@ def target(path: str | os.PathLike) -> Path:
     return path
 
 
+def _compact(tensor: Tensor) -> Tensor:
+    """tensor on the CPU in memory of its own: torch.save writes a view's whole storage, so a sweep member's
+    slice of the stacked states would carry every member's tensors."""
+    tensor = tensor.detach().to("cpu")
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> Path:
     """Atomically write tensors (moved to CPU) and a JSON-serialisable meta dict to path (through a symlink)."""
     path = target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     payload = {"format": FORMAT, "meta": json.dumps(meta),
-               "tensors": {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}}
+               "tensors": {k: _compact(v) for k, v in tensors.items()}}
     try:
         with open(tmp, "wb") as f:
             torch.save(payload, f)

@@ -301,7 +301,10 @@ def load_pretrained(directory: str | os.PathLike, device=None,
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise HFError(f"{directory} has no config.json (give a Hugging Face model folder)")
-    hf_config = json.loads((directory / "config.json").read_text())
+    try:
+        hf_config = json.loads((directory / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFError(f"{directory / 'config.json'} is not valid JSON ({e})") from None
     if not isinstance(hf_config, dict):
         raise HFError(f"{directory / 'config.json'} is not a JSON object")
     config = from_hf_config(hf_config)

@@ -306,7 +306,7 @@ def saved_compile(fn: Callable, directory: Path, options: dict | None = None) ->
                 entries.append(entry_for(args))
             except Exception:  # noqa: BLE001 - AOT precompile is experimental: where it fails, compile as usual
                 stats["ordinary"] += 1
-                ordinary.append(torch.compile(fn, fullgraph=True, dynamic=False))
+                ordinary.append(torch.compile(fn, fullgraph=True, dynamic=False, options=options))
             else:  # outside the try: an error in the step itself must not run it a second time
                 return entries[-1](*args)
         return ordinary[0](*args)

@@ -20,7 +20,7 @@ import torch
 from minifn import checkpoint, optim
 from minifn.checkpoint import CheckpointError, Progress
 from minifn.config import Config, ConfigError, replace
-from minifn.loop import Interrupted, MetricsLog, _groups
+from minifn.loop import Interrupted, MetricsLog, TrainingDiverged, _groups
 from minifn.run import hyperparams_of, loss_from_config, precision_name, setup
 from minifn.step import init_state
 from minifn.sweep import make_sweep_step
@@ -81,6 +81,16 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
     rc, spec = config.run, su.spec
     if len({c.run.ema > 0 for c in configs}) != 1:
         raise ConfigError("--ema must be on for every member of a sweep or for none")
+    if len({c.optim.has_momentum_buffer for c in configs}) != 1:
+        raise ConfigError("--momentum must be above 0 for every member of an SGD sweep or for none (the momentum "
+                          "buffer is part of the state the members share the shape of)")
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"two members of the sweep would be the same run: {', '.join(twice)}")
+    for flag, on in (("--log-gns", rc.log_gns), ("--save-every-steps", rc.save_every_steps),
+                     ("--new-data", rc.new_data)):
+        if on:
+            raise ConfigError(f"minifn sweep does not support {flag} yet; use minifn train for that")
     loaded = [_member(su, c, p) for c, p in zip(configs, paths)]
     progress, headers = [m[1] for m in loaded], [m[2] for m in loaded]
     if len({(p.epoch, p.batch) for p in progress}) != 1:
@@ -142,6 +152,9 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
                         logs[k].write({"kind": "step", "step": count, "epoch": p.epoch + 1, "batch": p.batch,
                                        "batches": per_epoch, "loss": losses[k]})
                 on_event({"kind": "step", "step": count, "losses": losses, "frozen": list(frozen)})
+                if all(frozen):  # what minifn train does when its one run diverges
+                    raise TrainingDiverged(f"every run of the sweep diverged by step {count}; the learning rates "
+                                           "are probably too high; the checkpoints on disk are untouched")
                 if rc.eval_every and count % rc.eval_every == 0 and evaluate:
                     evaluate_all("eval", {"step": count})
                 if count >= budget:

@@ -272,11 +272,15 @@ def test_import_cli_writes_a_checkpoint_that_generate_and_eval_load(tmp_path, ti
      "sliding_window"),
     (lambda c: c.update(num_hidden_layers=3), "model.layers.2"),
     (None, "tokenizer.model"),
+    ("{not json", "not valid JSON"),
 ])
 def test_import_refusals_are_one_line_and_name_the_field(tmp_path, tiny_tokenizer, change, field):
     hf_random_model("llama", dict(num_attention_heads=4), 400, 12).save_pretrained(tmp_path / "hf")
     if change is None:
         pass  # no tokenizer.model copied
+    elif isinstance(change, str):
+        shutil.copyfile(tiny_tokenizer, tmp_path / "hf" / "tokenizer.model")
+        (tmp_path / "hf" / "config.json").write_text(change)
     else:
         shutil.copyfile(tiny_tokenizer, tmp_path / "hf" / "tokenizer.model")
         config = json.loads((tmp_path / "hf" / "config.json").read_text())

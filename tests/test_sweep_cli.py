@@ -82,7 +82,35 @@ def test_a_resumed_sweep_equals_an_uninterrupted_one(story, tmp_path):
 
 
 def test_sweep_refuses_what_it_cannot_vary(story, tmp_path):
-    result = invoke("sweep", "--dataset", story, "--output", tmp_path / "s", *FLAGS, "--lr", "1e-3,abc")
+    sweep = lambda *flags: invoke("sweep", "--dataset", story, "--output", tmp_path / "s", *FLAGS, *flags)  # noqa: E731
+    result = sweep("--lr", "1e-3,abc")
     assert result.exit_code == 2 and "comma-separated numbers" in result.output
-    result = invoke("sweep", "--dataset", story, "--output", tmp_path / "s", *FLAGS, "--lr", "1e-3,-1")
+    result = sweep("--lr", ",")
+    assert result.exit_code == 2 and "--lr needs at least one value" in result.output
+    result = sweep("--lr", "1e-3,-1")
     assert result.exit_code == 1 and "--lr must be positive" in result.output
+    # SGD's momentum buffer is in the state only when momentum is above 0: all members alike, or refused
+    result = sweep("--optimizer", "sgd", "--momentum", "0.9,0")
+    assert result.exit_code == 1 and "--momentum must be above 0 for every member" in result.output
+    result = sweep("--lr", "1e-3,0.001")  # the same value twice: one checkpoint for two members
+    assert result.exit_code == 1 and "would be the same run: lr=0.001" in result.output
+    result = sweep("--lr", "1e-3,1e-2", "--save-every-steps", "2")
+    assert result.exit_code == 1 and "does not support --save-every-steps" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_whose_every_run_diverges_stops_as_train_does(story, tmp_path):
+    result = invoke("sweep", "--dataset", story, "--output", tmp_path / "s", *FLAGS, "--num-epochs", 2,
+                    "--lr", "1e30,3e30")
+    assert result.exit_code == 1, result.output
+    assert "every run of the sweep diverged by step" in result.output and "Traceback" not in result.output
+    assert not list((tmp_path / "s").glob("*.pt"))  # nothing saved, as minifn train saves nothing then
+
+
+def test_a_members_checkpoint_holds_only_its_own_tensors(story, tmp_path):
+    """torch.save writes a view's whole storage; a member is a slice of the stacked states."""
+    invoke("sweep", "--dataset", story, "--output", tmp_path / "s", *FLAGS, "--num-epochs", 1, "--lr", "1e-3,1e-2,3e-2")
+    invoke("train", "--dataset", story, "--model", tmp_path / "alone.pt", *FLAGS, "--num-epochs", 1)
+    alone = (tmp_path / "alone.pt").stat().st_size
+    for member in (tmp_path / "s").glob("*.pt"):
+        assert member.stat().st_size < 1.2 * alone

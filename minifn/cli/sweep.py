@@ -17,10 +17,14 @@ FIELDS = [f for f in cli_fields() if f.name != "model"]
 
 def _values(name: str, text, kind) -> list:
     """A comma-separated list of the setting's type (one value is a list of one)."""
+    flag = f"--{name.replace('_', '-')}"
     try:
-        return [kind(v) for v in str(text).split(",") if v.strip()]
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"--{name.replace('_', '-')} takes comma-separated numbers, got {text!r}") from None
+        raise click.BadParameter(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise click.BadParameter(f"{flag} needs at least one value, got {text!r}")
+    return values
 
 
 @cli.command()

@@ -210,19 +210,25 @@ def locked(path: Path):
     """An advisory lock beside the checkpoint, held for a run: a second run on the same file is refused."""
     path = target(path)
     lock_path = path.with_name(f".{path.name}.lock")
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a+")
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoints to {path.parent} ({e.strerror})") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip() or "unknown"
+    while True:
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(lock_path, "a+")
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoints to {path.parent} ({e.strerror})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise CheckpointError(f"checkpoint {path} is in use by another minifn process (pid {owner}); wait for "
+                                  "it to finish or choose another --model path") from None
+        # the holder unlinks the file as it ends: a lock taken on that unlinked file guards nothing, so take it
+        # again on the file now at lock_path
+        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino:
+            break
         f.close()
-        raise CheckpointError(f"checkpoint {path} is in use by another minifn process (pid {owner}); wait for it "
-                              "to finish or choose another --model path") from None
     try:
         f.seek(0)
         f.truncate()

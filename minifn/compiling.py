@@ -1,9 +1,9 @@
 """`torch.compile` for the train, eval and decode steps, with one policy for every caller.
 
 'on' compiles (fullgraph, static shapes), 'off' runs eagerly, 'auto' compiles where the platform can
-and falls back to eager, with one warning, when the platform cannot or the *first* call fails to
-compile. After a first call succeeds, errors surface: an out-of-memory error or a bug at step 5000
-must not silently switch a run to eager with other numerics.
+and falls back to eager, with one warning, when the platform cannot or the *first* call fails (except
+for running out of memory, which eager would too). After a first call succeeds, errors surface: an
+out-of-memory error or a bug at step 5000 must not silently switch a run to eager with other numerics.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def maybe_compile(fn: Callable, mode: str, device: torch.device | str, options: 
         try:
             out = compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - the first call decides between compiled and eager
-            if mode == "on" or _damaged_cache(e):
-                raise _explain(e) from e
+            if mode == "on" or _damaged_cache(e) or isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+                raise _explain(e) from e  # out of memory: a smaller batch helps; eager would need more
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                           "running eagerly", stacklevel=2)
             active[0] = fn

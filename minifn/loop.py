@@ -131,7 +131,7 @@ def evaluate(eval_step, params, tokens, spec: DataSpec, device) -> tuple[float, 
 
 def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_epochs: int, device,
         checkpoint_path: Path, header: dict, progress: Progress | None = None, max_steps: int | None = None,
-        save_every: int = 0, save_every_steps: int = 0, evaluate: Callable[[dict], dict] | None = None,
+        save_every: int = 0, save_every_steps: int = 0, evaluate: Callable[[TrainState], dict] | None = None,
         eval_every: int = 0, best_path: Path | None = None,
         lr_of: Callable[[TrainState], torch.Tensor] | None = None, report: Callable[[dict], None] = lambda e: None,
         stop_requested: Callable[[], int | None] = lambda: None) -> TrainState:

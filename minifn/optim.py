@@ -6,7 +6,8 @@ for counts, on the parameters' device), so a new learning rate or a new step is 
 graph for `torch.compile`. Change one with `set_hyperparams(state, lr=...)`. The aliases `sgd`, `adam`
 and `adamw` reproduce `torch.optim`'s arithmetic and defaults.
 
-The blocks work on flat lists of leaves with `torch._foreach_*` ops. Inputs are never modified: each
+The blocks work on flat lists of leaves with `torch._foreach_*` ops. Inputs are never modified (but see
+the donating forms below): each
 block allocates its outputs and finishes them in place, because on CPU a new model-sized list costs up
 to ten times an in-place pass (page faults), and each one alive is another copy of the model in memory.
 The one exception is asked for: `update(..., inplace=True)` lets a block overwrite its own state's

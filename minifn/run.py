@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -110,6 +109,7 @@ class Data:
     identity: dict  # {"sha256", "tokens"}: recorded in checkpoints, compared on resume
     cached: bool
     seconds: float
+    val_bytes: int | None = None  # UTF-8 bytes of the validation text, where the corpus records them
 
 
 def load_data(dc, tok) -> Data:
@@ -125,9 +125,10 @@ def load_data(dc, tok) -> Data:
                               "fixed by minifn prepare (--val-fraction or --val-tokens there)")
         corpus, cached = open_corpus(dc.dataset, tok.sha256), True
         train, val = corpus.train, corpus.val
+        val_bytes = corpus.manifest.text_bytes("val") if val is not None else None
     else:
         encoded = encode_file(tok, dc.dataset)
-        corpus, cached, train, val = encoded.corpus, encoded.cached, encoded.ids, None
+        corpus, cached, train, val, val_bytes = encoded.corpus, encoded.cached, encoded.ids, None, None
         if dc.val_fraction:
             cut = int(len(train) * (1 - dc.val_fraction))
             train, val = train.view(0, cut), train.view(cut)
@@ -137,7 +138,7 @@ def load_data(dc, tok) -> Data:
     if len(train) < 2:
         raise ConfigError(f"dataset {dc.dataset} has {len(train)} token(s); training needs at least 2")
     identity = {"sha256": corpus.manifest.content_sha256, "tokens": corpus.manifest.tokens}
-    return Data(train, val, identity, cached, time.perf_counter() - start)
+    return Data(train, val, identity, cached, time.perf_counter() - start, val_bytes)
 
 
 def step_budget(rc, tokens_per_step: int) -> int | None:
@@ -153,10 +154,12 @@ def best_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.best{path.suffix}")
 
 
-def _evaluator(eval_step, val_tokens, tok, spec: DataSpec, device) -> Callable[[TrainState], dict]:
-    """evaluate(state) -> validation loss, perplexity and bits per byte of the decoded validation text, of the
-    parameters and, for a state with an EMA, of the average too (as ema_val_loss, ...)."""
-    num_bytes = max(1, len(tok.decode(val_tokens[:].tolist()).encode("utf-8")))
+def _evaluator(eval_step, val_tokens, tok, spec: DataSpec, device,
+               val_bytes: int | None = None) -> Callable[[TrainState], dict]:
+    """evaluate(state) -> validation loss, perplexity and bits per byte of the validation text (val_bytes, as a
+    prepared corpus records them for minifn eval, or else the decoded tokens' bytes), of the parameters and, for
+    a state with an EMA, of the average too (as ema_val_loss, ...)."""
+    num_bytes = max(1, val_bytes or len(tok.decode(val_tokens[:].tolist()).encode("utf-8")))
 
     def scores(params, prefix: str) -> dict:
         loss, count = evaluate_tokens(eval_step, params, val_tokens, spec, device)
@@ -249,7 +252,8 @@ class Setup:
         step = make_eval_step(self.config.model, loss_fn, autocast_dtype=self.autocast_dtype, compile="off",
                               device=self.device)
         val = self.data.val.view(0, rc.eval_tokens + 1) if rc.eval_tokens else self.data.val
-        return _evaluator(step, val, self.tokenizer, self.spec, self.device)
+        whole = len(val) == len(self.data.val)  # the corpus's byte count is the whole split's
+        return _evaluator(step, val, self.tokenizer, self.spec, self.device, self.data.val_bytes if whole else None)
 
 
 def setup(config: Config, device: torch.device | None = None, rank: int = 0, world_size: int = 1) -> Setup:
@@ -298,9 +302,9 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
       loss_fn: a loss(logits, targets, reduction) to use instead of config.run.criterion."""
     rc = config.run
     world, device = None, resolve_device(rc.device)
-    if os.environ.get("WORLD_SIZE", "1") != "1":
-        from minifn import distributed
+    from minifn import distributed
 
+    if distributed.launched():
         world = distributed.init(device)
         device = world.device
         asked = stop_requested  # every rank must stop at the same step

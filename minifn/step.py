@@ -139,9 +139,10 @@ def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: 
     already per target token (loss_and_grads(..., divisor=tokens), as train_step computes them).
 
     inplace: the optimizer, parameters and EMA update their own tensors (the old state is donated, see
-    optim.step_inplace). Adam and AdamW run torch's fused kernel, eager or compiled (whose values equal the
-    pure step's to rounding); any other optimizer eagerly runs its blocks in place (bit for bit), and
-    compiled computes a new state and copies it into the old one, which inductor fuses into in-place writes."""
+    optim.step_inplace), and grads are donated too: the fused kernel may scale them in place (clipping).
+    Adam and AdamW run torch's fused kernel, eager or compiled (whose values equal the pure step's to
+    rounding); any other optimizer eagerly runs its blocks in place (bit for bit), and compiled computes a
+    new state and copies it into the old one, which inductor fuses into in-place writes."""
     count = tokens.clamp(min=1)
     if reduction == "mean" and not divided:
         leaves = trees.leaves(grads)

@@ -43,7 +43,7 @@ def sweep_states(params: Params | list[Params], optimizer: optim.GradientTransfo
       optimizer: the GradientTransformation all members share (its structure: SGD momentum, for one, must
         be built in to be set).
       hyperparams: per member, the {name: value} optim.set_hyperparams sets (lr, weight_decay, b1, b2, eps,
-        max_norm, momentum, dampening).
+        max_norm, warmup_steps, momentum, dampening).
       seeds: the RNG seed (dropout) of each member, or one for all.
       ema: the EMA decay of each member, or one for all (0: no EMA; all members or none)."""
     k = len(hyperparams)

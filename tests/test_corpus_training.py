@@ -44,6 +44,18 @@ def test_train_on_shards_with_a_budget_and_periodic_eval_then_eval_the_split(cor
     assert refused.exit_code == 1 and "fixed by minifn prepare" in refused.output
 
 
+def test_validation_during_training_scores_bits_per_byte_as_eval_does(corpus, tmp_path):
+    """Both divide by the text bytes prepare recorded (training used to decode the whole split into a list)."""
+    ckpt = tmp_path / "v.pt"
+    assert invoke("train", "--dataset", corpus, "--model", ckpt, *FLAGS, "--num-epochs", 1000, "--max-steps", 1,
+                  "--eval-every", 1).exit_code == 0
+    logged = [e for e in map(json.loads, checkpoint.metrics_path(ckpt).read_text().splitlines()) if e["kind"] == "eval"]
+    scored = invoke("eval", "--model", ckpt, "--dataset", corpus, "--batch-size", 2, "--batch-stride", 16)
+    values = dict(line.split(": ") for line in scored.output.strip().splitlines())
+    assert float(values["Cross-entropy"].split()[0]) == pytest.approx(logged[-1]["val_loss"], abs=1e-4)
+    assert float(values["Bits per byte"]) == pytest.approx(logged[-1]["val_bpb"], abs=1e-4)
+
+
 def test_resume_mid_epoch_from_shards_is_bit_identical(corpus, tmp_path):
     whole, cut = tmp_path / "whole.pt", tmp_path / "cut.pt"
     assert invoke("train", "--dataset", corpus, "--model", whole, *FLAGS, "--num-epochs", 1000, "--max-steps", 9,

@@ -60,6 +60,27 @@ def test_a_second_run_on_the_same_checkpoint_is_refused(story, tmp_path):
     assert train(story, ckpt, "--num-epochs", 1).exit_code == 0  # the lock went with its holder
 
 
+def test_a_lock_taken_on_a_file_its_holder_just_removed_is_taken_again(tmp_path, monkeypatch):
+    """A run opens the lock file; before it locks it, the holder ends (removing the file) and a third run
+    creates and locks a new one. The first run's lock on the removed file guards nothing: it must try again."""
+    import fcntl
+
+    lock_path, real, third = tmp_path / ".m.pt.lock", fcntl.flock, []
+
+    def racing(f, op):
+        if not third:
+            lock_path.unlink()
+            third.append(open(lock_path, "a+"))
+            real(third[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return real(f, op)
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", racing)
+    with pytest.raises(checkpoint.CheckpointError, match="in use by another minifn process"):
+        with checkpoint.locked(tmp_path / "m.pt"):
+            pass
+    third[0].close()
+
+
 def test_two_checkpoints_in_one_folder_have_their_own_metrics(story, tmp_path):
     assert train(story, tmp_path / "run.pt", "--num-epochs", 1).exit_code == 0
     assert train(story, tmp_path / "run.ckpt", "--num-epochs", 1, "--fresh").exit_code == 0
@@ -254,6 +275,8 @@ def test_auto_compile_falls_back_on_the_first_call_only(monkeypatch):
         calls.append(x)
         if x == "fail":
             raise RuntimeError("a compile error")
+        if x == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory")
         return "compiled"
 
     monkeypatch.setattr(compiling.torch, "compile", lambda fn, **kw: compiled)
@@ -265,6 +288,9 @@ def test_auto_compile_falls_back_on_the_first_call_only(monkeypatch):
     assert later_fails("ok") == "compiled"
     with pytest.raises(RuntimeError, match="a compile error"):
         later_fails("fail")  # after a good first call, errors surface
+    out_of_memory = compiling.maybe_compile(lambda x: "eager", "auto", "cpu")
+    with pytest.raises(torch.OutOfMemoryError):
+        out_of_memory("oom")  # eager needs more memory, not less: a smaller batch is the answer
 
 
 def test_signal_handlers_and_warnings_are_restored_after_a_run(story, tmp_path):

@@ -193,6 +193,8 @@ class DataConfig(Settings):
     batch_stride: int = setting(16, "Tokens between the starts of consecutive windows.", on_resume=REFUSE)
     grad_accum_steps: int = setting(1, "Micro-batches summed into one optimizer step.")
     shuffle: bool = setting(True, "Reshuffle windows every epoch.", on_resume=REFUSE)
+    shuffle_seed: int = setting(-1, "Seed of the window order (-1: --seed's). A sweep over --seed keeps one order "
+                                "for all its runs and records it here.", on_resume=REFUSE)
     val_fraction: float = setting(0.0, "Hold out this tail of the tokens and evaluate on it every epoch.",
                                   on_resume=REFUSE)
 
@@ -201,6 +203,9 @@ class DataConfig(Settings):
         for name in ("batch_size", "batch_stride", "grad_accum_steps"):
             _check_number(name, getattr(self, name), int, positive=True)
         _check_number("val_fraction", self.val_fraction, float, minimum=0, below=0.5)
+        _check_number("shuffle_seed", self.shuffle_seed, int, minimum=-1)
+        if self.shuffle_seed > MAX_SEED:
+            raise ConfigError(f"--shuffle-seed must be at most {MAX_SEED} (32 bits), got {self.shuffle_seed}")
 
 
 @dataclass(frozen=True)

@@ -282,7 +282,7 @@ def setup(config: Config, device: torch.device | None = None, rank: int = 0, wor
         model = dataclasses.replace(init[1], max_seq_len=config.model.max_seq_len)
     config = dataclasses.replace(config, model=model)
     spec = DataSpec(model.max_seq_len, dc.batch_stride, dc.batch_size, dc.grad_accum_steps, dc.shuffle,
-                    rc.seed, tok.pad_id, rank, world_size)
+                    rc.seed if dc.shuffle_seed < 0 else dc.shuffle_seed, tok.pad_id, rank, world_size)
     steps_per_epoch = spec.steps_per_epoch(len(data.train))
     budget = step_budget(rc, dc.batch_size * world_size * dc.grad_accum_steps * spec.seq_len)
     total_steps = min(steps_per_epoch * rc.num_epochs, budget or math.inf)

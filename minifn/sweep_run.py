@@ -1,10 +1,11 @@
 """`minifn sweep`: K runs that differ in hyperparameters, trained together through one vmapped, compiled step.
 
 Members share the model's shape, the tokenizer, the data and its order (each batch is read once and
-broadcast to every member); they differ in their state: parameters (a swept --seed), optimizer
-hyperparameters (0-D tensors in each member's optimizer state), dropout rate and RNG key. Each member is an
-ordinary run: its own checkpoint and metrics log in the sweep's folder, which generate, eval and plot read
-like any other. A member whose loss becomes non-finite is frozen and reported; the others go on.
+broadcast to every member; a member whose --seed is not the order's records it as --shuffle-seed); they
+differ in their state: parameters (a swept --seed), optimizer hyperparameters (0-D tensors in each member's
+optimizer state), dropout rate and RNG key. Each member is an ordinary run: its own checkpoint and metrics
+log in the sweep's folder, which generate, eval and plot read like any other. A member whose loss becomes
+non-finite is frozen and reported; the others go on; if all of them do, the sweep stops as minifn train does.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
       stop_requested: returns a signal number when the sweep should save every member and stop."""
     folder = Path(folder)
     su = setup(config)
+    # one window order for all (the sweep's); each member records it, so that it resumes alone in that order
+    order = config.data.shuffle_seed if config.data.shuffle_seed >= 0 else config.run.seed
     configs = [dataclasses.replace(replace(config, **values), model=su.config.model) for values in members]
+    configs = [c if c.run.seed == order else replace(c, shuffle_seed=order) for c in configs]
     names = [member_name(values) for values in members]
     paths = [folder / f"{name}.pt" for name in names]
     rc, spec = config.run, su.spec

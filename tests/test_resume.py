@@ -111,6 +111,7 @@ REFUSED = [
     (["--no-shuffle"], "shuffle: True != False"),
     (["--val-fraction", "0.2"], "val_fraction: 0.0 != 0.2"),
     (["--seed", "5"], "seed: 0 != 5"),
+    (["--shuffle-seed", "5"], "shuffle_seed: -1 != 5"),
     (["--optimizer", "adam"], "optimizer: 'adamw' != 'adam'"),
     (["--amsgrad"], "amsgrad: False != True"),
     (["--embed-dim", "24"], "embed_dim: 16 != 24"),

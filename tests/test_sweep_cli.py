@@ -52,6 +52,22 @@ def test_each_member_equals_its_run_alone_and_diverged_ones_freeze(story, tmp_pa
     assert plotted.exit_code == 0 and (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_member_with_its_own_seed_is_the_run_alone_in_the_sweeps_window_order(story, tmp_path):
+    """Members share one window order (each batch is read once); a member whose --seed differs records that
+    order as --shuffle-seed, so the run alone with both seeds is the member, and resumes it exactly."""
+    out = tmp_path / "sweep"
+    assert invoke("sweep", "--dataset", story, "--output", out, *FLAGS, "--num-epochs", 2, "--lr", "1e-2",
+                  "--seed", "3,4").exit_code == 0
+    member = out / "seed=4.pt"
+    assert checkpoint.load(member)[1]["config"]["data"]["shuffle_seed"] == 3
+    for name, flags in (("alone", ["--shuffle-seed", "3"]), ("own_order", [])):
+        assert invoke("train", "--dataset", story, "--model", tmp_path / f"{name}.pt", *FLAGS, "--num-epochs", 2,
+                      "--lr", "1e-2", "--seed", "4", *flags).exit_code == 0
+    a, b, c = params(tmp_path / "alone.pt"), params(member), params(tmp_path / "own_order.pt")
+    assert max(relative(b[k], a[k]) for k in a) < TOL
+    assert max(relative(c[k], a[k]) for k in a) > 100 * TOL  # the order matters here: seed 4's own differs
+
+
 def test_the_warmup_length_is_swept_like_any_hyperparameter(story, tmp_path):
     out = tmp_path / "sweep"
     result = invoke("sweep", "--dataset", story, "--output", out, *FLAGS, "--num-epochs", 2, "--lr", "1e-2",

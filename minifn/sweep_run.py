@@ -10,6 +10,7 @@ non-finite is frozen and reported; the others go on; if all of them do, the swee
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -82,7 +83,7 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
     configs = [c if c.run.seed == order else replace(c, shuffle_seed=order) for c in configs]
     names = [member_name(values) for values in members]
     paths = [folder / f"{name}.pt" for name in names]
-    rc, spec = config.run, su.spec
+    rc = config.run
     if len({c.run.ema > 0 for c in configs}) != 1:
         raise ConfigError("--ema must be on for every member of a sweep or for none")
     if len({c.optim.has_momentum_buffer for c in configs}) != 1:
@@ -95,12 +96,24 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
                      ("--new-data", rc.new_data)):
         if on:
             raise ConfigError(f"minifn sweep does not support {flag} yet; use minifn train for that")
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as locks:  # as minifn train locks its checkpoint: one process per member
+        for path in paths:
+            locks.enter_context(checkpoint.locked(path))
+            checkpoint.remove_stale_temporaries(path)
+        return _train_locked(su, config, folder, configs, names, paths, on_event, stop_requested)
+
+
+def _train_locked(su, config: Config, folder: Path, configs: list[Config], names: list[str], paths: list[Path],
+                  on_event, stop_requested) -> list:
+    """train_sweep with every member's checkpoint locked: start or resume each member, train them together,
+    save each (arguments as train_sweep's, and the members' configs, names and checkpoint paths)."""
+    rc, spec = config.run, su.spec
     loaded = [_member(su, c, p) for c, p in zip(configs, paths)]
     progress, headers = [m[1] for m in loaded], [m[2] for m in loaded]
     if len({(p.epoch, p.batch) for p in progress}) != 1:
         raise CheckpointError(f"the members in {folder} are at different positions; resume each alone, or --fresh")
     states = stack_trees([m[0] for m in loaded])
-    folder.mkdir(parents=True, exist_ok=True)
     step = make_sweep_step(su.config.model, su.optimizer, loss_from_config(rc.criterion, rc.label_smoothing),
                            reduction=rc.reduction, autocast_dtype=su.autocast_dtype,
                            dropout_rates=[c.run.dropout for c in configs], inplace=True, compile=rc.compile,

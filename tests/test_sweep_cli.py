@@ -130,3 +130,11 @@ def test_a_members_checkpoint_holds_only_its_own_tensors(story, tmp_path):
     alone = (tmp_path / "alone.pt").stat().st_size
     for member in (tmp_path / "s").glob("*.pt"):
         assert member.stat().st_size < 1.2 * alone
+
+
+def test_a_sweep_locks_its_members_checkpoints_as_train_does(story, tmp_path):
+    out = tmp_path / "s"
+    with checkpoint.locked(out / "lr=0.01.pt"):  # another process trains that member now
+        result = invoke("sweep", "--dataset", story, "--output", out, *FLAGS, "--num-epochs", 1, "--lr", "1e-3,1e-2")
+    assert result.exit_code == 1 and "is in use by another minifn process" in result.output
+    assert not list(out.glob("*.pt"))

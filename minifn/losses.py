@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -51,5 +51,7 @@ def mae(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean"):
 LOSSES: dict[str, Loss] = {"cross_entropy": cross_entropy, "mse": mse, "mae": mae}
 
 
-def perplexity(mean_cross_entropy: Tensor | float) -> Tensor:
-    return torch.exp(torch.as_tensor(mean_cross_entropy))
+def perplexity(mean_cross_entropy: float) -> float:
+    """exp of a mean cross-entropy in nats, capped at exp(700) so that a diverged loss reads as a huge number
+    rather than an overflow."""
+    return math.exp(min(mean_cross_entropy, 700))

@@ -28,7 +28,7 @@ from minifn.checkpoint import CheckpointError
 from minifn.config import Config, ConfigError, ModelConfig, OptimConfig
 from minifn.loop import DataSpec, fit
 from minifn.loop import evaluate as evaluate_tokens
-from minifn.losses import LOSSES, Loss, cross_entropy
+from minifn.losses import LOSSES, Loss, cross_entropy, perplexity
 from minifn.model import init_params, num_params
 from minifn.step import TrainState, init_state, make_eval_step, make_train_step
 
@@ -163,7 +163,7 @@ def _evaluator(eval_step, val_tokens, tok, spec: DataSpec, device,
 
     def scores(params, prefix: str) -> dict:
         loss, count = evaluate_tokens(eval_step, params, val_tokens, spec, device)
-        return {f"{prefix}val_loss": loss, f"{prefix}val_perplexity": math.exp(min(loss, 700)),
+        return {f"{prefix}val_loss": loss, f"{prefix}val_perplexity": perplexity(loss),
                 f"{prefix}val_bpb": loss * count / math.log(2) / num_bytes, f"{prefix}val_tokens": count}
 
     def evaluate(state: TrainState) -> dict:

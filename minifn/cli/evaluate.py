@@ -26,6 +26,7 @@ def evaluate(checkpoint_path, tokenizer, dataset, batch_stride, batch_size, devi
     from minifn.corpus import open_dataset
     from minifn.loop import DataSpec
     from minifn.loop import evaluate as evaluate_tokens
+    from minifn.losses import perplexity
     from minifn.run import resolve_device
     from minifn.step import make_eval_step
 
@@ -45,7 +46,7 @@ def evaluate(checkpoint_path, tokenizer, dataset, batch_stride, batch_size, devi
     loss, count = evaluate_tokens(make_eval_step(config, compile="off"), params, tokens, spec, device)
     num_bytes = max(1, corpus.manifest.text_bytes(split))
     click.echo(f"Cross-entropy: {loss:.4f} nats/token")
-    click.echo(f"Perplexity: {math.exp(min(loss, 700)):.4f}")
+    click.echo(f"Perplexity: {perplexity(loss):.4f}")
     click.echo(f"Bits per byte: {loss * count / math.log(2) / num_bytes:.4f}")
     click.echo(f"Tokens evaluated: {count}")
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import sys
 
 import click
 
-
-def _perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700))
+from minifn.losses import perplexity
 
 
 class Printer:
@@ -54,11 +51,11 @@ class Printer:
     def epoch(self, e: dict) -> None:
         line = f"[Epoch: {e['epoch']}/{e['epochs']}] [Avg Loss: {e['loss']:.4f}]"
         if self.criterion == "cross_entropy":
-            line += f" [Perplexity: {_perplexity(e['loss']):.6f}]"
+            line += f" [Perplexity: {perplexity(e['loss']):.6f}]"
         if "val_loss" in e:
             line += f" [Val Loss: {e['val_loss']:.4f}]"
             if self.criterion == "cross_entropy":
-                line += f" [Val Perplexity: {_perplexity(e['val_loss']):.6f}]"
+                line += f" [Val Perplexity: {perplexity(e['val_loss']):.6f}]"
         if "ema_val_loss" in e:
             line += f" [EMA Val Loss: {e['ema_val_loss']:.4f}]"
         self.echo(line)

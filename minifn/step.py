@@ -148,7 +148,12 @@ def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: 
         leaves = trees.leaves(grads)
         grads = trees.rebuild(grads, optim.foreach("div", leaves, [count.to(g.dtype) for g in leaves]))
     grad_norm = optim.global_norm(grads)  # before the step: a fused kernel may overwrite grads
-    # written in place by the optimizer itself: eagerly, and compiled where torch's fused kernel takes it
+    # Three ways to the new state:
+    #   pure (inplace=False): new tensors throughout.
+    #   donated (eager, or compiled where torch's fused kernel takes the optimizer): the optimizer and the
+    #     EMA write into the state's own tensors.
+    #   inplace but not donated (compiled, any other optimizer): computed pure, then copied into the state's
+    #     tensors (assign_), which inductor turns into in-place writes.
     donated = inplace and (not torch.compiler.is_compiling() or optim.fuses(optimizer, grads, state.params))
     if donated:
         params, opt_state = state.params, optim.step_inplace(optimizer, grads, state.opt_state, state.params)

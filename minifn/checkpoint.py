@@ -226,8 +226,11 @@ def locked(path: Path):
                                   "it to finish or choose another --model path") from None
         # the holder unlinks the file as it ends: a lock taken on that unlinked file guards nothing, so take it
         # again on the file now at lock_path
-        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino:
-            break
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         f.close()
     try:
         f.seek(0)

@@ -7,9 +7,9 @@ graph for `torch.compile`. Change one with `set_hyperparams(state, lr=...)`. The
 and `adamw` reproduce `torch.optim`'s arithmetic and defaults.
 
 The blocks work on flat lists of leaves with `torch._foreach_*` ops. Inputs are never modified (but see
-the donating forms below): each
-block allocates its outputs and finishes them in place, because on CPU a new model-sized list costs up
-to ten times an in-place pass (page faults), and each one alive is another copy of the model in memory.
+the donating forms below): each block allocates its outputs and finishes them in place, because on CPU a
+new model-sized list costs up to ten times an in-place pass (page faults), and each one alive is another
+copy of the model in memory.
 The one exception is asked for: `update(..., inplace=True)` lets a block overwrite its own state's
 buffers (the caller donates the old state, as `jax.jit(donate_argnums=...)` does), which an eager train
 step uses to keep one copy of the moments instead of two. The values are the same, bit for bit.

@@ -78,7 +78,7 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
     folder = Path(folder)
     su = setup(config)
     # one window order for all (the sweep's); each member records it, so that it resumes alone in that order
-    order = config.data.shuffle_seed if config.data.shuffle_seed >= 0 else config.run.seed
+    order = su.spec.seed
     configs = [dataclasses.replace(replace(config, **values), model=su.config.model) for values in members]
     configs = [c if c.run.seed == order else replace(c, shuffle_seed=order) for c in configs]
     names = [member_name(values) for values in members]

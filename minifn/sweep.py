@@ -8,11 +8,12 @@
 
 Members share the architecture and the batches (each batch is read once: vmap's in_dims=None, not K
 copies) and differ in their state: parameters, optimizer hyperparameters (0-D tensors, set per member),
-RNG key, EMA decay, and optionally the dropout rate. A member whose loss, gradient norm or parameters
-become non-finite is frozen at its last finite state: its whole state, step count included, stops changing
-while the others go on, so its step count stays behind theirs (which is how later steps know it is frozen,
-and its checkpoint says where it stopped). A frozen member is still computed, and its results dropped; if
-every member fails at the same step, none is behind, and the next step tries them all again.
+RNG key, EMA decay, and optionally the dropout rate. A member whose loss or gradient norm is non-finite
+(minifn train stops on a non-finite loss) is frozen at its state before that step: its whole state, step
+count included, stops changing while the others go on, so its step count stays behind theirs (which is how
+later steps know it is frozen, and its checkpoint says where it stopped). A frozen member is still computed,
+and its results dropped; if every member fails at the same step, none is behind, and the next step tries
+them all again.
 """
 
 from __future__ import annotations
@@ -64,10 +65,14 @@ def sweep_states(params: Params | list[Params], optimizer: optim.GradientTransfo
 
 def freeze_diverged(old: TrainState, new: TrainState, metrics: dict[str, Tensor]) -> tuple[TrainState, Tensor]:
     """(new state, with every member kept at its old state that is behind the others' step count (it froze
-    earlier) or whose loss, gradient norm or new parameters are non-finite; the [K] bool frozen flags)."""
-    finite = [torch.isfinite(p).reshape(p.shape[0], -1).all(1) for p in trees.leaves(new.params)]  # [K]
-    ok = torch.stack([torch.isfinite(metrics["loss"]), torch.isfinite(metrics["grad_norm"]), *finite]).all(0)
-    ok = ok & (old.step == old.step.max())
+    earlier) or whose loss or gradient norm is non-finite; the [K] bool frozen flags).
+
+    The flags come from the loss and the gradient norm, which are known before the update, so the choice
+    fuses into the update's own pass. Checking the new parameters too would cost a second pass over the
+    whole state after the update (about 10% of a tiny sweep's step, benchmarks/RESULTS.md), for a case
+    finite gradients reach only at absurd learning rates (lr * grad overflowing float32); there the next
+    step's loss is non-finite, and the member freezes one step later."""
+    ok = torch.isfinite(metrics["loss"]) & torch.isfinite(metrics["grad_norm"]) & (old.step == old.step.max())
     keep = lambda n, o: torch.where(ok.view(-1, *[1] * (n.ndim - 1)), n, o)  # noqa: E731
     return optree.tree_map(keep, new, old), ~ok
 

@@ -34,6 +34,7 @@ ADAM_TOL = 3e-5
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=0.1)
 SGD_MEMBERS = [dict(lr=0.3, weight_decay=0.0), dict(lr=0.1, weight_decay=0.1), dict(lr=0.03, weight_decay=0.3)]
 EMA = 0.8
+HUGE_LR = 1e30  # finite, so the first step is too; the weights it gives overflow the next forward pass
 
 
 def data(steps=STEPS):
@@ -119,9 +120,9 @@ def test_compiled_members_equal_their_runs_alone(compiled_sweep):
             torch.testing.assert_close(metrics[name][k], solo_metrics[name], rtol=1e-4, atol=0)
 
 
-def diverged(state, metrics) -> bool:
-    finite = [math.isfinite(metrics["loss"]), math.isfinite(metrics["grad_norm"])]
-    return not (all(finite) and all(torch.isfinite(p).all() for p in state.params.values()))
+def diverged(metrics) -> bool:
+    """What freezes a sweep's member: a non-finite loss or gradient norm."""
+    return not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
 
 
 def diverging_lr(params, batches_):
@@ -131,7 +132,7 @@ def diverging_lr(params, batches_):
         state = init_state(params, tx)
         for i, batch in enumerate(batches_, 1):
             state, m = train_step(state, batch, config=CONFIG, optimizer=tx)
-            if diverged(state, m):
+            if diverged(m):
                 return lr, i
     raise AssertionError("no learning rate diverged")
 
@@ -139,10 +140,11 @@ def diverging_lr(params, batches_):
 # A diverging run is chaotic: float noise grows with the huge learning rate, so where exactly it diverges,
 # and its last finite state, depend on rounding (compiled against eager, functorch against autograd). So
 # the frozen member is checked against the sweep's own state before it froze (it must not have changed
-# since), and the compiled case freezes a member with an infinite learning rate (frozen at its initial state).
-@pytest.mark.parametrize("compiled,lr", [(False, None), (False, math.inf),
-                                         pytest.param(True, math.inf, marks=pytest.mark.slow)],
-                         ids=["eager-diverging", "eager-infinite-lr", "compiled-infinite-lr"])
+# since). The compiled case uses an absurd learning rate: its first step is finite (weights near 1e29),
+# its second step's loss is not, so the member freezes at step 2, keeping its state after step 1.
+@pytest.mark.parametrize("compiled,lr", [(False, None), (False, HUGE_LR),
+                                         pytest.param(True, HUGE_LR, marks=pytest.mark.slow)],
+                         ids=["eager-diverging", "eager-huge-lr", "compiled-huge-lr"])
 def test_a_diverging_member_is_frozen_and_the_others_go_on(compiled, lr, request):
     params = init_params(CONFIG, 0)
     batches_ = data(12)
@@ -158,14 +160,12 @@ def test_a_diverging_member_is_frozen_and_the_others_go_on(compiled, lr, request
         frozen.append(metrics["frozen"].tolist())
         history.append(member())
     bad_step = 1 + [f[1] for f in frozen].index(True)  # the step (1-based) whose result was not finite
-    assert lr != math.inf or bad_step == 1
+    assert lr != HUGE_LR or bad_step == 2
     assert frozen == [[False, False, False]] * (bad_step - 1) + [[False, True, False]] * (len(batches_) - bad_step + 1)
     runs = unstack_trees(states)
     assert int(runs[1].step) == bad_step - 1 and int(runs[0].step) == len(batches_)
     assert all(torch.isfinite(p).all() for p in runs[1].params.values())
     assert_same(runs[1], history[bad_step - 1], 0.0)  # untouched since its last finite step
-    if bad_step == 1:
-        assert_same(runs[1], init_state(params, optim.sgd(**SGD), ema=EMA), 0.0)
     # 12 steps at lr 0.3 with momentum 0.9 give tiny leaves a heavy tail of relative error (eager: up to 8e-5
     # per leaf over 30 seeds here, 1.7e-4 once in CI), so the whole state is compared as one vector: at most
     # 5e-6 over the same 30 seeds and 1.1e-5 for the CI seed.

@@ -58,8 +58,8 @@ def sweep(output, verbose, **settings):
                        f"tokens; {e['steps_per_epoch']} steps/epoch, {e['total_steps']} steps in all, device "
                        f"{e['device']}, {e['precision']}, compile {e['compile']}; checkpoints in {e['folder']}")
         elif e["kind"] == "diverged":
-            click.echo(f"[Step: {e['step']}] {e['member']}: the loss or the weights became non-finite; this run "
-                       "is frozen at its last finite state, the others go on")
+            click.echo(f"[Step: {e['step']}] {e['member']}: the loss or its gradients became non-finite; this run "
+                       "is frozen at its state before that step, the others go on")
         elif e["kind"] in ("epoch", "eval"):
             finals[e["member"]] = e
             where = f"[Epoch: {e['epoch']}/{e['epochs']}]" if e["kind"] == "epoch" else f"[Step: {e['step']}]"

@@ -431,8 +431,13 @@ def apply_updates(params: Tree, updates: Tree, inplace: bool = False) -> Tree:
 
 @torch.no_grad()
 def assign_(target: Tree, source: Tree) -> Tree:
-    """Copy source's leaves into target's tensors (the in-place path; values are bit-identical)."""
-    torch._foreach_copy_(trees.leaves(target), trees.leaves(source))
+    """Copy source's leaves into target's tensors (the in-place path; values are bit-identical).
+
+    One copy_ per leaf, not one _foreach_copy_: compiled (torch 2.13), inductor writes a _foreach_copy_'s
+    targets one after another while later sources still read earlier targets, so a source that reads
+    another leaf (a sweep's step count, say) sees its new value (tests/test_optim.py has the reproducer)."""
+    for t, x in zip(trees.leaves(target), trees.leaves(source), strict=True):
+        t.copy_(x)
     return target
 
 

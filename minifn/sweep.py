@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from minifn import optim, trees
+from minifn import optim
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import Loss, cross_entropy
@@ -102,9 +102,7 @@ def sweep_step(states: TrainState, batch: Batch, dropout_rates: Tensor | None = 
     with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
         new, metrics = _sweep_step(states, batch, dropout_rates, **step_kwargs)
     if inplace:
-        # leaf by leaf: optim.assign_'s one _foreach_copy_ over the stacked states compiled to wrong values
-        # here (torch 2.13; members 0.68 relative from their runs alone), copy_ per leaf to the right ones
-        new = trees.rebuild(states, [old.copy_(x) for old, x in zip(trees.leaves(states), trees.leaves(new))])
+        new = optim.assign_(states, new)
     return new, metrics
 
 

@@ -5,7 +5,8 @@ broadcast to every member; a member whose --seed is not the order's records it a
 differ in their state: parameters (a swept --seed), optimizer hyperparameters (0-D tensors in each member's
 optimizer state), dropout rate and RNG key. Each member is an ordinary run: its own checkpoint and metrics
 log in the sweep's folder, which generate, eval and plot read like any other. A member whose loss or gradient
-norm becomes non-finite is frozen and reported; the others go on; if all of them do, the sweep stops as minifn train does.
+norm becomes non-finite is frozen and reported; the others go on; if all of them do, the sweep stops as
+minifn train does.
 """
 
 from __future__ import annotations

@@ -178,6 +178,22 @@ def test_in_place_apply_is_bit_identical():
         assert torch.equal(a, b)
 
 
+def test_compiled_assign_copies_what_each_source_was_before_any_leaf_was_written():
+    """A later leaf's source reads an earlier target (as a sweep's freeze reads its step count). One
+    _foreach_copy_ compiled (torch 2.13) gave [1, 2, 1] here: the where read the step already written."""
+
+    def advance(state):
+        ok = state["step"] == state["step"].max()
+        new = {"step": state["step"] + 1, "x": torch.where(ok.view(-1, 1), state["x"] * 2, state["x"])}
+        return optim.assign_(state, new)
+
+    start = {"step": torch.tensor([3, 2, 3]), "x": torch.ones(3, 4)}
+    want = advance(optree.tree_map(torch.clone, start))
+    got = torch.compile(advance, fullgraph=True)(optree.tree_map(torch.clone, start))
+    assert want["x"][:, 0].tolist() == [2.0, 1.0, 2.0]
+    assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(want), optree.tree_leaves(got)))
+
+
 def test_set_hyperparams_changes_the_rate_and_rejects_unknown_names():
     params = {"x": torch.ones(3)}
     tx = optim.sgd(lr=0.1)

@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,27 +115,68 @@ def _compact(tensor: Tensor) -> Tensor:
 
 def save(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> Path:
     """Atomically write tensors (moved to CPU) and a JSON-serialisable meta dict to path (through a symlink)."""
-    path = target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    payload = {"format": FORMAT, "meta": json.dumps(meta),
-               "tensors": {k: _compact(v) for k, v in tensors.items()}}
+    return save_together([(path, tensors, meta)])[0]
+
+
+def save_together(items: list[tuple[str | os.PathLike, dict[str, Tensor], dict]]) -> list[Path]:
+    """save for several (path, tensors, meta) at once, such that a crash leaves each path old or new and the
+    new ones can always be completed: every file is written (and fsynced) to a temporary beside its path
+    before the first is renamed into place, so a path still old after a crash in the renames has its new
+    version complete in a temporary (promote_temporary). A sweep saves its members this way."""
+    paths = [target(path) for path, _, _ in items]
+    temporaries: list[Path] = []
+    renamed = 0
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, (_, tensors, meta) in zip(paths, items):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporaries.append(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
+            payload = {"format": FORMAT, "meta": json.dumps(meta),
+                       "tensors": {k: _compact(v) for k, v in tensors.items()}}
+            with open(temporaries[-1], "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+        for folder in {path.parent for path in paths}:  # the temporaries outlive a power cut, before any rename
+            fsync_dir(folder)
+        for tmp, path in zip(temporaries, paths):
+            os.replace(tmp, path)
+            renamed += 1
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):
-            kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
-            full = getattr(e, "errno", None) == errno.ENOSPC or "enforce fail" in str(e) or "No space" in str(e)
-            reason = "the disk is full" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0][:120])
-            raise CheckpointError(f"could not write checkpoint {path} ({reason}); {kept}") from None
-        raise
-    fsync_dir(path.parent)
-    return path
+        if not isinstance(e, (OSError, RuntimeError)):
+            if not renamed:
+                for tmp in temporaries:
+                    tmp.unlink(missing_ok=True)
+            raise
+        full = getattr(e, "errno", None) == errno.ENOSPC or "enforce fail" in str(e) or "No space" in str(e)
+        reason = "the disk is full" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0][:120])
+        if renamed:  # some paths are new: the rest keep their temporaries, to be completed from
+            raise CheckpointError(f"could not finish writing {paths[renamed]} ({reason}); {renamed} of "
+                                  f"{len(paths)} checkpoints are new: run the same command again to complete "
+                                  "the rest from their temporary files") from None
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+        path = paths[len(temporaries) - 1] if temporaries else paths[0]
+        kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
+        raise CheckpointError(f"could not write checkpoint {path} ({reason}); {kept}") from None
+    for folder in {path.parent for path in paths}:
+        fsync_dir(folder)
+    return paths
+
+
+def promote_temporary(path: str | os.PathLike, wanted: Callable[[dict], bool]) -> bool:
+    """Rename into place a complete temporary beside path whose header wanted() accepts (the new version
+    that save_together wrote before a crash stopped its renames); whether there was one."""
+    path = target(path)
+    for tmp in sorted(path.parent.glob(f".{path.name}.*.tmp")):
+        try:
+            _, meta = load(tmp)
+        except CheckpointError:  # a temporary a crash cut short: not the one
+            continue
+        if wanted(meta):
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+            return True
+    return False
 
 
 def fsync_dir(folder: Path) -> None:
@@ -321,9 +363,14 @@ def make_header(config: Config, tokenizer: dict, data: dict, world_size: int = 1
 def save_state(path: Path, state, progress: Progress, header: dict) -> Path:
     """A TrainState (params, opt_state, step, rng, and the EMA as "ema.<param name>") and the run's progress,
     atomically."""
+    return save(path, *state_contents(state, progress, header))
+
+
+def state_contents(state, progress: Progress, header: dict) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, meta) that save_state writes."""
     tensors = {**flatten(state.params, "params"), **flatten(state.opt_state, "opt_state"),
                "step": state.step, "rng": state.rng, **flatten(state.ema, "ema")}
-    return save(path, tensors, {**header, "progress": asdict(progress)})
+    return tensors, {**header, "progress": asdict(progress)}
 
 
 def load_state(tensors: dict[str, Tensor], meta: dict, template):

@@ -101,8 +101,16 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
     with contextlib.ExitStack() as locks:  # as minifn train locks its checkpoint: one process per member
         for path in paths:
             locks.enter_context(checkpoint.locked(path))
-            checkpoint.remove_stale_temporaries(path)
         return _train_locked(su, config, folder, configs, names, paths, on_event, stop_requested)
+
+
+def _complete_interrupted_save(paths: list[Path], progress: list[Progress]) -> bool:
+    """Members at two positions: a crash stopped save_together's renames, so each member behind has its new
+    checkpoint complete in a temporary file; rename those into place. Whether every member behind had one."""
+    ahead = max((p.epoch, p.batch) for p in progress)
+    behind = [path for path, p in zip(paths, progress) if (p.epoch, p.batch) != ahead]
+    at_ahead = lambda meta: (meta["progress"]["epoch"], meta["progress"]["batch"]) == ahead  # noqa: E731
+    return bool(behind) and all([checkpoint.promote_temporary(path, at_ahead) for path in behind])
 
 
 def _train_locked(su, config: Config, folder: Path, configs: list[Config], names: list[str], paths: list[Path],
@@ -111,9 +119,13 @@ def _train_locked(su, config: Config, folder: Path, configs: list[Config], names
     save each (arguments as train_sweep's, and the members' configs, names and checkpoint paths)."""
     rc, spec = config.run, su.spec
     loaded = [_member(su, c, p) for c, p in zip(configs, paths)]
+    if _complete_interrupted_save(paths, [m[1] for m in loaded]):
+        loaded = [_member(su, c, p) for c, p in zip(configs, paths)]
     progress, headers = [m[1] for m in loaded], [m[2] for m in loaded]
     if len({(p.epoch, p.batch) for p in progress}) != 1:
         raise CheckpointError(f"the members in {folder} are at different positions; resume each alone, or --fresh")
+    for path in paths:
+        checkpoint.remove_stale_temporaries(path)
     states = stack_trees([m[0] for m in loaded])
     step = make_sweep_step(su.config.model, su.optimizer, loss_from_config(rc.criterion, rc.label_smoothing),
                            reduction=rc.reduction, autocast_dtype=su.autocast_dtype,
@@ -144,8 +156,9 @@ def _train_locked(su, config: Config, folder: Path, configs: list[Config], names
     def save_all() -> None:
         for log in logs:
             log.sync()
-        for member, path, p, header, log in zip(unstack_trees(states), paths, progress, headers, logs):
-            checkpoint.save_state(path, member, p, header)
+        checkpoint.save_together([(path, *checkpoint.state_contents(member, p, header))
+                                  for member, path, p, header in zip(unstack_trees(states), paths, progress, headers)])
+        for log in logs:
             log.saved()
 
     try:

@@ -1,5 +1,6 @@
 """Bad input gets one clear line; NaN, signals, kill -9 and a full disk never cost a good checkpoint."""
 
+import dataclasses
 import errno
 import os
 import pickle
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from conftest import ROOT, TINY_FLAGS
 from minifn import checkpoint
 from minifn.cli import cli
+from minifn.config import ModelConfig
 from minifn.data import batches
 
 TINY = TINY_FLAGS
@@ -159,6 +161,29 @@ def test_disk_full_keeps_the_previous_checkpoint(files, monkeypatch):
     assert "(the disk is full); the previous checkpoint is intact" in result.output
     assert files["ckpt"].read_bytes() == before
     assert not list(files["dir"].glob(".good.pt.*.tmp"))
+
+
+def test_a_save_together_that_fails_after_a_rename_keeps_the_rest_to_complete(tmp_path, monkeypatch):
+    """Some checkpoints are new: the others keep their temporaries, and promote_temporary completes them."""
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    header = {"config": {"model": dataclasses.asdict(ModelConfig())}, "tokenizer": {"name": "t", "sha256": "0"}}
+    checkpoint.save_together([(p, {"x": torch.zeros(2)}, {**header, "version": 1}) for p in paths])
+    rename = os.replace
+
+    def fails_on_b(src, dst):
+        if str(dst).endswith("b.pt"):
+            raise OSError(errno.EIO, "Input/output error")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", fails_on_b)
+    with pytest.raises(checkpoint.CheckpointError, match=r"b.pt \(Input/output error\); 1 of 2 checkpoints are new: "
+                                                         "run the same command again"):
+        checkpoint.save_together([(p, {"x": torch.ones(2)}, {**header, "version": 2}) for p in paths])
+    monkeypatch.setattr(os, "replace", rename)
+    assert [checkpoint.load(p)[1]["version"] for p in paths] == [2, 1]
+    assert not checkpoint.promote_temporary(paths[1], lambda meta: meta["version"] == 3)
+    assert checkpoint.promote_temporary(paths[1], lambda meta: meta["version"] == 2)
+    assert torch.equal(checkpoint.load(paths[1])[0]["x"], torch.ones(2)) and not list(tmp_path.glob(".*.tmp"))
 
 
 class Payload:

@@ -1,5 +1,7 @@
 """minifn sweep: every member is the run trained alone, resumes exactly, and a diverging one is frozen."""
 
+import os
+
 import pytest
 import torch
 
@@ -92,6 +94,38 @@ def test_a_resumed_sweep_equals_an_uninterrupted_one(story, tmp_path):
                   *sweep).exit_code == 0
     resumed = invoke("sweep", "--dataset", story, "--output", tmp_path / "cut", *FLAGS, "--num-epochs", 3, *sweep)
     assert resumed.exit_code == 0, resumed.output
+    for member in (tmp_path / "whole").glob("*.pt"):
+        a, b = params(member), params(tmp_path / "cut" / member.name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Killed(BaseException):
+    """A kill -9 in the middle of a save: nothing below it cleans up."""
+
+
+def test_a_sweep_killed_between_its_members_renames_resumes_exactly(story, tmp_path, monkeypatch):
+    """Every member's new checkpoint is complete in a temporary before the first is renamed into place, so a
+    sweep killed after one rename resumes: the next start renames the rest."""
+    sweep = ["--lr", "1e-3,3e-3"]
+    assert invoke("sweep", "--dataset", story, "--output", tmp_path / "whole", *FLAGS, "--num-epochs", 2,
+                  *sweep).exit_code == 0
+    rename, renamed = os.replace, []
+
+    def killed_after_the_first_member(src, dst):
+        if str(dst).endswith(".pt") and renamed:
+            raise Killed
+        renamed.extend([dst] if str(dst).endswith(".pt") else [])
+        rename(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed_after_the_first_member)
+        with pytest.raises(Killed):
+            invoke("sweep", "--dataset", story, "--output", tmp_path / "cut", *FLAGS, "--num-epochs", 1, *sweep,
+                   catch_exceptions=False)
+    assert len(list((tmp_path / "cut").glob("*.pt"))) == 1  # one member saved, the other only in its temporary
+    resumed = invoke("sweep", "--dataset", story, "--output", tmp_path / "cut", *FLAGS, "--num-epochs", 2, *sweep)
+    assert resumed.exit_code == 0, resumed.output
+    assert not list((tmp_path / "cut").glob(".*.tmp"))
     for member in (tmp_path / "whole").glob("*.pt"):
         a, b = params(member), params(tmp_path / "cut" / member.name)
         assert all(torch.equal(a[k], b[k]) for k in a)

@@ -122,14 +122,15 @@ def save_together(items: list[tuple[str | os.PathLike, dict[str, Tensor], dict]]
     """save for several (path, tensors, meta) at once, such that a crash leaves each path old or new and the
     new ones can always be completed: every file is written (and fsynced) to a temporary beside its path
     before the first is renamed into place, so a path still old after a crash in the renames has its new
-    version complete in a temporary (promote_temporary). A sweep saves its members this way."""
+    version complete in a temporary (temporary_for). A sweep saves its members this way. It needs the disk
+    space of every new file at once, beside the old ones."""
     paths = [target(path) for path, _, _ in items]
     temporaries: list[Path] = []
-    renamed = 0
+    renaming, renamed = False, 0
     try:
         for path, (_, tensors, meta) in zip(paths, items):
-            path.parent.mkdir(parents=True, exist_ok=True)
             temporaries.append(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
+            path.parent.mkdir(parents=True, exist_ok=True)
             payload = {"format": FORMAT, "meta": json.dumps(meta),
                        "tensors": {k: _compact(v) for k, v in tensors.items()}}
             with open(temporaries[-1], "wb") as f:
@@ -138,6 +139,7 @@ def save_together(items: list[tuple[str | os.PathLike, dict[str, Tensor], dict]]
                 os.fsync(f.fileno())
         for folder in {path.parent for path in paths}:  # the temporaries outlive a power cut, before any rename
             fsync_dir(folder)
+        renaming = True
         for tmp, path in zip(temporaries, paths):
             os.replace(tmp, path)
             renamed += 1
@@ -155,7 +157,7 @@ def save_together(items: list[tuple[str | os.PathLike, dict[str, Tensor], dict]]
                                   "the rest from their temporary files") from None
         for tmp in temporaries:
             tmp.unlink(missing_ok=True)
-        path = paths[len(temporaries) - 1] if temporaries else paths[0]
+        path = paths[0] if renaming else paths[len(temporaries) - 1]  # the one being renamed or written
         kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
         raise CheckpointError(f"could not write checkpoint {path} ({reason}); {kept}") from None
     for folder in {path.parent for path in paths}:
@@ -163,20 +165,31 @@ def save_together(items: list[tuple[str | os.PathLike, dict[str, Tensor], dict]]
     return paths
 
 
-def promote_temporary(path: str | os.PathLike, wanted: Callable[[dict], bool]) -> bool:
-    """Rename into place a complete temporary beside path whose header wanted() accepts (the new version
-    that save_together wrote before a crash stopped its renames); whether there was one."""
+def temporary_for(path: str | os.PathLike, wanted: Callable[[dict], bool]) -> Path | None:
+    """A complete temporary file beside path whose header wanted() accepts (the new version that
+    save_together wrote before a crash stopped its renames), or None."""
     path = target(path)
-    for tmp in sorted(path.parent.glob(f".{path.name}.*.tmp")):
+    for tmp in sorted(_temporaries(path)):
         try:
             _, meta = load(tmp)
         except CheckpointError:  # a temporary a crash cut short: not the one
             continue
         if wanted(meta):
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-            return True
-    return False
+            return tmp
+    return None
+
+
+def promote(tmp: Path, path: str | os.PathLike) -> None:
+    """Rename a temporary (temporary_for's) into place, durably."""
+    path = target(path)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _temporaries(path: Path) -> list[Path]:
+    """The temporary files save_together writes beside path (.NAME.PID.tmp), from any process."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.\d+\.tmp")
+    return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)] if path.parent.is_dir() else []
 
 
 def fsync_dir(folder: Path) -> None:
@@ -191,7 +204,7 @@ def fsync_dir(folder: Path) -> None:
 def remove_stale_temporaries(path: str | os.PathLike) -> int:
     """Delete temporary files that a killed save left beside path; returns how many."""
     path = target(path)
-    stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    stale = _temporaries(path)
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return len(stale)

@@ -69,9 +69,9 @@ def freeze_diverged(old: TrainState, new: TrainState, metrics: dict[str, Tensor]
 
     The flags come from the loss and the gradient norm, which are known before the update, so the choice
     fuses into the update's own pass. Checking the new parameters too would cost a second pass over the
-    whole state after the update (about 10% of a tiny sweep's step, benchmarks/RESULTS.md), for a case
-    finite gradients reach only at absurd learning rates (lr * grad overflowing float32); there the next
-    step's loss is non-finite, and the member freezes one step later."""
+    whole state after the update (about 10% of a tiny sweep's step, measured ad hoc: see the README), for
+    a case finite gradients reach only at absurd learning rates (lr * grad overflowing float32); there the
+    next step's loss is non-finite, and the member freezes one step later, holding the overflowed weights."""
     ok = torch.isfinite(metrics["loss"]) & torch.isfinite(metrics["grad_norm"]) & (old.step == old.step.max())
     keep = lambda n, o: torch.where(ok.view(-1, *[1] * (n.ndim - 1)), n, o)  # noqa: E731
     return optree.tree_map(keep, new, old), ~ok

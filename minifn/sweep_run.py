@@ -15,12 +15,13 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from minifn import checkpoint, optim
+from minifn import checkpoint, optim, trees
 from minifn.checkpoint import CheckpointError, Progress
 from minifn.config import Config, ConfigError, replace
 from minifn.loop import Interrupted, MetricsLog, TrainingDiverged, _groups
@@ -47,10 +48,11 @@ def member_name(values: dict) -> str:
 
 
 def _member(su, config: Config, path: Path):
-    """(state, progress, header) of one member: fresh, or resumed from its checkpoint."""
+    """(state, progress, header, id of the save that wrote its checkpoint or None) of one member: fresh, or
+    resumed from its checkpoint."""
     header = checkpoint.make_header(config, su.tokenizer_info, su.data.identity)
     state = init_state(su.initial_params(config.run.seed), su.optimizer, seed=config.run.seed, ema=config.run.ema)
-    progress = Progress()
+    progress, save_id = Progress(), None
     if path.exists() and not config.run.fresh:
         tensors, saved = checkpoint.load(path)
         refused, _ = checkpoint.resume_changes(Config.from_dict(saved["config"]), config)
@@ -60,9 +62,9 @@ def _member(su, config: Config, path: Path):
             raise CheckpointError(f"sweep member {path} cannot resume with these settings ({'; '.join(refused)}); "
                                   "use the same command, or --fresh")
         state, progress = checkpoint.load_state(tensors, saved, state)
-        header["run_id"] = saved["run_id"]
+        header["run_id"], save_id = saved["run_id"], saved.get("save_id")
     return state._replace(opt_state=optim.set_hyperparams(state.opt_state, **hyperparams_of(config.optim))), \
-        progress, header
+        progress, header, save_id
 
 
 def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
@@ -104,13 +106,20 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
         return _train_locked(su, config, folder, configs, names, paths, on_event, stop_requested)
 
 
-def _complete_interrupted_save(paths: list[Path], progress: list[Progress]) -> bool:
-    """Members at two positions: a crash stopped save_together's renames, so each member behind has its new
-    checkpoint complete in a temporary file; rename those into place. Whether every member behind had one."""
-    ahead = max((p.epoch, p.batch) for p in progress)
-    behind = [path for path, p in zip(paths, progress) if (p.epoch, p.batch) != ahead]
-    at_ahead = lambda meta: (meta["progress"]["epoch"], meta["progress"]["batch"]) == ahead  # noqa: E731
-    return bool(behind) and all([checkpoint.promote_temporary(path, at_ahead) for path in behind])
+def _complete_interrupted_save(paths: list[Path], save_ids: list[str | None]) -> bool:
+    """Members from two saves (each checkpoint carries its save's id): a crash stopped save_together's
+    renames, and every member still at the older save has the newer one complete in a temporary file. Rename
+    those into place; whether there were any."""
+    if len(set(save_ids)) < 2:
+        return False
+    for newest in set(save_ids) - {None}:
+        behind = [path for path, s in zip(paths, save_ids) if s != newest]
+        found = [checkpoint.temporary_for(path, lambda meta, n=newest: meta.get("save_id") == n) for path in behind]
+        if all(found):
+            for tmp, path in zip(found, behind):
+                checkpoint.promote(tmp, path)
+            return True
+    return False
 
 
 def _train_locked(su, config: Config, folder: Path, configs: list[Config], names: list[str], paths: list[Path],
@@ -119,7 +128,7 @@ def _train_locked(su, config: Config, folder: Path, configs: list[Config], names
     save each (arguments as train_sweep's, and the members' configs, names and checkpoint paths)."""
     rc, spec = config.run, su.spec
     loaded = [_member(su, c, p) for c, p in zip(configs, paths)]
-    if _complete_interrupted_save(paths, [m[1] for m in loaded]):
+    if _complete_interrupted_save(paths, [m[3] for m in loaded]):
         loaded = [_member(su, c, p) for c, p in zip(configs, paths)]
     progress, headers = [m[1] for m in loaded], [m[2] for m in loaded]
     if len({(p.epoch, p.batch) for p in progress}) != 1:
@@ -156,7 +165,8 @@ def _train_locked(su, config: Config, folder: Path, configs: list[Config], names
     def save_all() -> None:
         for log in logs:
             log.sync()
-        checkpoint.save_together([(path, *checkpoint.state_contents(member, p, header))
+        save_id = uuid.uuid4().hex[:12]  # one per save: a crash in its renames leaves two ids among the members
+        checkpoint.save_together([(path, *checkpoint.state_contents(member, p, {**header, "save_id": save_id}))
                                   for member, path, p, header in zip(unstack_trees(states), paths, progress, headers)])
         for log in logs:
             log.saved()
@@ -177,7 +187,9 @@ def _train_locked(su, config: Config, folder: Path, configs: list[Config], names
                     p.batch = min(p.batch + spec.grad_accum_steps, per_epoch)
                     if stopped[k] and not frozen[k]:
                         frozen[k] = True
-                        on_event({"kind": "diverged", "member": names[k], "step": count, "loss": losses[k]})
+                        kept = all(bool(leaf[k].isfinite().all()) for leaf in trees.leaves(states.params))
+                        on_event({"kind": "diverged", "member": names[k], "step": count, "loss": losses[k],
+                                  "finite_weights": kept})
                     if not frozen[k]:
                         p.loss_sum, p.tokens = p.loss_sum + losses[k] * tokens[k], p.tokens + int(tokens[k])
                         logs[k].write({"kind": "step", "step": count, "epoch": p.epoch + 1, "batch": p.batch,

@@ -164,7 +164,7 @@ def test_disk_full_keeps_the_previous_checkpoint(files, monkeypatch):
 
 
 def test_a_save_together_that_fails_after_a_rename_keeps_the_rest_to_complete(tmp_path, monkeypatch):
-    """Some checkpoints are new: the others keep their temporaries, and promote_temporary completes them."""
+    """Some checkpoints are new: the others keep their temporaries, from which promote completes them."""
     paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
     header = {"config": {"model": dataclasses.asdict(ModelConfig())}, "tokenizer": {"name": "t", "sha256": "0"}}
     checkpoint.save_together([(p, {"x": torch.zeros(2)}, {**header, "version": 1}) for p in paths])
@@ -181,9 +181,11 @@ def test_a_save_together_that_fails_after_a_rename_keeps_the_rest_to_complete(tm
         checkpoint.save_together([(p, {"x": torch.ones(2)}, {**header, "version": 2}) for p in paths])
     monkeypatch.setattr(os, "replace", rename)
     assert [checkpoint.load(p)[1]["version"] for p in paths] == [2, 1]
-    assert not checkpoint.promote_temporary(paths[1], lambda meta: meta["version"] == 3)
-    assert checkpoint.promote_temporary(paths[1], lambda meta: meta["version"] == 2)
-    assert torch.equal(checkpoint.load(paths[1])[0]["x"], torch.ones(2)) and not list(tmp_path.glob(".*.tmp"))
+    (tmp_path / ".b.pt.metrics.jsonl.77.tmp").write_text("{}")  # another file's temporary: never a candidate
+    assert checkpoint.temporary_for(paths[1], lambda meta: meta["version"] == 3) is None
+    checkpoint.promote(checkpoint.temporary_for(paths[1], lambda meta: meta["version"] == 2), paths[1])
+    assert torch.equal(checkpoint.load(paths[1])[0]["x"], torch.ones(2))
+    assert not (tmp_path / f".b.pt.{os.getpid()}.tmp").exists()
 
 
 class Payload:

@@ -174,6 +174,24 @@ def test_a_diverging_member_is_frozen_and_the_others_go_on(compiled, lr, request
         assert_same(runs[k], alone(params, members[k], batches_, base=SGD, make=optim.sgd)[0][-1], tol, whole=True)
 
 
+def test_weights_overflowed_by_finite_gradients_freeze_the_member_one_step_late():
+    """The freeze reads the loss and gradient norm, not the new weights (a second pass over the state): an
+    infinite learning rate takes finite gradients to non-finite weights at step 1, whose loss and gradients
+    were finite, so the member freezes at step 2, holding those weights; the others are unaffected."""
+    params = init_params(CONFIG, 0)
+    members = [SGD_MEMBERS[0], {"lr": math.inf, "weight_decay": 0.1}]
+    states = sweep_states(params, optim.sgd(**SGD), members, ema=EMA)
+    step = make_sweep_step(CONFIG, optim.sgd(**SGD), compile="off")
+    frozen, batches_ = [], data(3)
+    for batch in batches_:
+        states, metrics = step(states, batch)
+        frozen.append(metrics["frozen"].tolist())
+    assert frozen == [[False, False], [False, True], [False, True]]
+    runs = unstack_trees(states)
+    assert int(runs[1].step) == 1 and not all(torch.isfinite(p).all() for p in runs[1].params.values())
+    assert_same(runs[0], alone(params, members[0], batches_, base=SGD, make=optim.sgd)[0][-1], EAGER_TOL, whole=True)
+
+
 def test_an_inplace_sweep_writes_the_pure_steps_values_into_its_input_states():
     tx = optim.adamw(lr=1e-3, weight_decay=0.1)
     states = sweep_states(init_params(CONFIG, 0), tx, [dict(lr=3e-3), dict(lr=1e-2)], ema=EMA)

@@ -103,12 +103,16 @@ class Killed(BaseException):
     """A kill -9 in the middle of a save: nothing below it cleans up."""
 
 
-def test_a_sweep_killed_between_its_members_renames_resumes_exactly(story, tmp_path, monkeypatch):
+@pytest.mark.parametrize("over_old", [False, True], ids=["first-save", "fresh-over-old-checkpoints"])
+def test_a_sweep_killed_between_its_members_renames_resumes_exactly(story, tmp_path, monkeypatch, over_old):
     """Every member's new checkpoint is complete in a temporary before the first is renamed into place, so a
-    sweep killed after one rename resumes: the next start renames the rest."""
-    sweep = ["--lr", "1e-3,3e-3"]
+    sweep killed after one rename resumes: the next start renames the rest. Over old checkpoints at the same
+    position (a --fresh sweep killed), the saves' ids tell the old members from the new."""
+    sweep, cut = ["--lr", "1e-3,3e-3"], tmp_path / "cut"
     assert invoke("sweep", "--dataset", story, "--output", tmp_path / "whole", *FLAGS, "--num-epochs", 2,
                   *sweep).exit_code == 0
+    if over_old:
+        assert invoke("sweep", "--dataset", story, "--output", cut, *FLAGS, "--num-epochs", 1, *sweep).exit_code == 0
     rename, renamed = os.replace, []
 
     def killed_after_the_first_member(src, dst):
@@ -120,14 +124,18 @@ def test_a_sweep_killed_between_its_members_renames_resumes_exactly(story, tmp_p
     with monkeypatch.context() as patch:
         patch.setattr(os, "replace", killed_after_the_first_member)
         with pytest.raises(Killed):
-            invoke("sweep", "--dataset", story, "--output", tmp_path / "cut", *FLAGS, "--num-epochs", 1, *sweep,
-                   catch_exceptions=False)
-    assert len(list((tmp_path / "cut").glob("*.pt"))) == 1  # one member saved, the other only in its temporary
-    resumed = invoke("sweep", "--dataset", story, "--output", tmp_path / "cut", *FLAGS, "--num-epochs", 2, *sweep)
+            invoke("sweep", "--dataset", story, "--output", cut, *FLAGS, "--num-epochs", 1, *sweep,
+                   *(["--fresh"] if over_old else []), catch_exceptions=False)
+    (tmp,) = cut.glob(".*.pt.*.tmp")  # the member not yet renamed, complete
+    left = cut / tmp.name[1:].rsplit(".", 2)[0]
+    assert left.exists() == over_old
+    killed_run = checkpoint.load(tmp)[1]["run_id"]
+    resumed = invoke("sweep", "--dataset", story, "--output", cut, *FLAGS, "--num-epochs", 2, *sweep)
     assert resumed.exit_code == 0, resumed.output
-    assert not list((tmp_path / "cut").glob(".*.tmp"))
+    assert not list(cut.glob(".*.pt.*.tmp"))
+    assert checkpoint.load(left)[1]["run_id"] == killed_run  # over old ones: the killed --fresh run's, not the old
     for member in (tmp_path / "whole").glob("*.pt"):
-        a, b = params(member), params(tmp_path / "cut" / member.name)
+        a, b = params(member), params(cut / member.name)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -58,8 +58,10 @@ def sweep(output, verbose, **settings):
                        f"tokens; {e['steps_per_epoch']} steps/epoch, {e['total_steps']} steps in all, device "
                        f"{e['device']}, {e['precision']}, compile {e['compile']}; checkpoints in {e['folder']}")
         elif e["kind"] == "diverged":
+            overflowed = "" if e["finite_weights"] else (" (its weights had already overflowed the step before, so "
+                                                          "its checkpoint will hold non-finite weights)")
             click.echo(f"[Step: {e['step']}] {e['member']}: the loss or its gradients became non-finite; this run "
-                       "is frozen at its state before that step, the others go on")
+                       f"is frozen at its state before that step{overflowed}, the others go on")
         elif e["kind"] in ("epoch", "eval"):
             finals[e["member"]] = e
             where = f"[Epoch: {e['epoch']}/{e['epochs']}]" if e["kind"] == "epoch" else f"[Step: {e['step']}]"

@@ -54,6 +54,33 @@ def test_each_member_equals_its_run_alone_and_diverged_ones_freeze(story, tmp_pa
     assert plotted.exit_code == 0 and (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_member_frozen_with_overflowed_weights_says_so(story, tmp_path, monkeypatch):
+    """Finite gradients that overflow the weights (an absurd learning rate) freeze the member one step late,
+    holding those weights: the line says its checkpoint will hold them. Simulated: member 1's first step
+    writes an infinite weight."""
+    from minifn import sweep_run
+
+    real = sweep_run.make_sweep_step
+
+    def overflowing(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def first_step_overflows_member_1(states, batch):
+            states, metrics = step(states, batch)
+            if int(states.step.max()) == 1:
+                states.params["embed.weight"][1, 0, 0] = float("inf")
+            return states, metrics
+        return first_step_overflows_member_1
+
+    monkeypatch.setattr(sweep_run, "make_sweep_step", overflowing)
+    result = invoke("sweep", "--dataset", story, "--output", tmp_path / "s", *FLAGS, "--num-epochs", 1,
+                    "--lr", "1e-3,3e-3")
+    assert result.exit_code == 0, result.output
+    assert "[Step: 2] lr=0.003: the loss or its gradients became non-finite; this run is frozen at its state " \
+           "before that step (its weights had already overflowed the step before" in result.output
+    assert result.output.count("overflowed") == 1
+
+
 def test_a_member_with_its_own_seed_is_the_run_alone_in_the_sweeps_window_order(story, tmp_path):
     """Members share one window order (each batch is read once); a member whose --seed differs records that
     order as --shuffle-seed, so the run alone with both seeds is the member, and resumes it exactly."""

@@ -144,19 +144,17 @@ def save_together(items: list[tuple[str | os.PathLike, dict[str, Tensor], dict]]
             os.replace(tmp, path)
             renamed += 1
     except BaseException as e:
+        if not renamed:  # every path is old: drop the new versions; else the rest are completed from them
+            for tmp in temporaries:
+                tmp.unlink(missing_ok=True)
         if not isinstance(e, (OSError, RuntimeError)):
-            if not renamed:
-                for tmp in temporaries:
-                    tmp.unlink(missing_ok=True)
             raise
         full = getattr(e, "errno", None) == errno.ENOSPC or "enforce fail" in str(e) or "No space" in str(e)
         reason = "the disk is full" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0][:120])
-        if renamed:  # some paths are new: the rest keep their temporaries, to be completed from
+        if renamed:
             raise CheckpointError(f"could not finish writing {paths[renamed]} ({reason}); {renamed} of "
                                   f"{len(paths)} checkpoints are new: run the same command again to complete "
                                   "the rest from their temporary files") from None
-        for tmp in temporaries:
-            tmp.unlink(missing_ok=True)
         path = paths[0] if renaming else paths[len(temporaries) - 1]  # the one being renamed or written
         kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
         raise CheckpointError(f"could not write checkpoint {path} ({reason}); {kept}") from None

@@ -7,6 +7,13 @@ import os
 import random
 from pathlib import Path
 
+# Under pytest-xdist (the README's command runs two workers) each worker gets its share of the cores: two
+# workers each running OpenMP's two threads on two cores spin against each other. Set before torch is
+# imported; the processes a test starts inherit it.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
 import optree
 import pytest
 import torch

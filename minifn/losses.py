@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -22,10 +23,29 @@ def _reduce(per_position: Tensor, valid: Tensor, reduction: str) -> Tensor:
 
 
 def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0):
-    """Token-level cross-entropy in nats, as F.cross_entropy over the flattened positions."""
-    losses = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
-                             reduction="none", label_smoothing=label_smoothing).view_as(targets)
+    """Token-level cross-entropy in nats, as F.cross_entropy over the flattened positions.
+
+    Eager, aten's fused kernel is the faster; compiled, the logsumexp form is (see its docstring)."""
+    if torch.compiler.is_compiling():
+        losses = logsumexp_cross_entropy(logits, targets, label_smoothing)
+    else:
+        losses = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
+                                 reduction="none", label_smoothing=label_smoothing).view_as(targets)
     return _reduce(losses, targets != ignore_index, reduction)
+
+
+def logsumexp_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Per-position cross-entropy as logsumexp(z) - z[target] (smoothed: minus a share of mean(z) instead).
+
+    The same function as F.cross_entropy, written so that inductor saves only the [B, T] logsumexp for the
+    backward pass, not F.cross_entropy's [B, T, V] log-probabilities: one pass less over the largest tensor
+    of the step (benchmarks/loss_forms.py). Targets outside [0, V) (padding) give garbage; mask them."""
+    z = logits.float()
+    target_logit = z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    lse = torch.logsumexp(z, -1)
+    if not label_smoothing:
+        return lse - target_logit
+    return lse - (1 - label_smoothing) * target_logit - label_smoothing * z.mean(-1)
 
 
 def _target_prob(logits, targets, ignore_index):

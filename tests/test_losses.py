@@ -28,6 +28,33 @@ def test_cross_entropy_matches_functional(reduction, smoothing):
     torch.testing.assert_close(got, want.view_as(got) if reduction == "none" else want)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_logsumexp_form_has_functionals_values_and_gradients(smoothing):
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    logits, targets = random_batch(V=257)
+    got = losses._reduce(losses.logsumexp_cross_entropy(logits, targets, smoothing), targets != IGNORE, "mean")
+    want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, label_smoothing=smoothing)
+    torch.testing.assert_close(got, want, msg=f"seed {seed}")
+    (grad,) = torch.autograd.grad(got, logits)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7, msg=f"seed {seed}")
+
+
+def test_compiled_cross_entropy_traces_the_logsumexp_form():
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    logits, targets = random_batch()
+    got = torch.compile(losses.cross_entropy, backend=record, fullgraph=True)(logits, targets, label_smoothing=0.1)
+    torch.testing.assert_close(got, losses.cross_entropy(logits, targets, label_smoothing=0.1))
+    ops = {node.target for gm in graphs for node in gm.graph.nodes}
+    assert torch.logsumexp in ops and F.cross_entropy not in ops
+
+
 def _one_hot_reference(logits, targets, fn):
     valid = targets != IGNORE
     probs = logits.softmax(-1)[valid]

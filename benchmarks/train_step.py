@@ -3,6 +3,7 @@
     python benchmarks/train_step.py            # seed and bench configs (and large on a GPU), writes RESULTS.md
     python benchmarks/train_step.py --quick    # fewer steps
     python benchmarks/train_step.py --device cuda --configs large
+    python benchmarks/train_step.py --variants a,a_fused,b,c,d   # a subset: a section of its own
 
 Each variant runs twice in its own process with an inductor cache of its own, empty at first (cold
 compile, step time, peak RSS), then again on that cache, now warm (warm compile). Because the machines
@@ -87,9 +88,9 @@ def measure(config_names: list[str], repeats: int, rounds: int, variants: list[s
     return results
 
 
-def report(results: dict, command: str) -> str:
+def report(results: dict, command: str, title: str = "## Train step") -> str:
     memory = "peak GPU memory MB" if bench_device().type == "cuda" else "peak RSS MB"
-    lines = ["## Train step", "", f"Machine: {machine()}", "", f"Command: `{command}`", "",
+    lines = [title, "", f"Machine: {machine()}", "", f"Command: `{command}`", "",
              "Ratios are speed relative to (a), from the interleaved process (all variants stepping round-robin",
              "in one process, so machine noise hits them alike). Step times and memory come from each variant's own",
              "process; cold compile is the first step with an empty inductor cache of its own, warm the same with it",
@@ -149,8 +150,9 @@ def main():
         parser.error(f"--variants: a comma-separated list from {', '.join(VARIANTS)} that includes a")
     results = measure(configs.split(","), repeats, rounds, variants)
     command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
-    text = report(results, command.strip())
-    write_section(args.output, "train_step", text)
+    own_section = variants != list(VARIANTS)  # a subset keeps the full table, and gets a section of its own
+    text = report(results, command.strip(), "## Train step" + (f": {', '.join(variants)}" if own_section else ""))
+    write_section(args.output, f"train_step-{'-'.join(variants)}" if own_section else "train_step", text)
     print(text)
 
 

@@ -86,7 +86,7 @@ def main():
                              f"{mean['base']['tracing_s']:.1f} | {mean['new']['tracing_s']:.1f} |")
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
-    write_section(args.output, "compile_ab", "\n".join(lines))
+    write_section(args.output, f"compile_ab-{args.base}", "\n".join(lines))  # one section per base compared
     print("\n".join(lines))
 
 

@@ -26,7 +26,7 @@ CATEGORIES = [  # first match wins
     ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm")),
     ("attention (SDPA)", ("scaled_dot_product",)),
     ("optimizer update", ("lerp", "fused_adam")),  # inductor's own update, or torch's fused kernel
-    ("log-softmax / loss", ("log_softmax",)),
+    ("log-softmax / loss", ("log_softmax", "logsumexp")),
     ("other fused kernels", ("graph_",)),
 ]
 

@@ -38,10 +38,13 @@ def logsumexp_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: fl
     """Per-position cross-entropy as logsumexp(z) - z[target] (smoothed: minus a share of mean(z) instead).
 
     The same function as F.cross_entropy, written so that inductor saves only the [B, T] logsumexp for the
-    backward pass, not F.cross_entropy's [B, T, V] log-probabilities: one pass less over the largest tensor
-    of the step (benchmarks/loss_forms.py). Targets outside [0, V) (padding) give garbage; mask them."""
+    backward pass, not F.cross_entropy's [B, T, V] log-probabilities, and fuses the loss and its gradient
+    into one pass over the logits: z[target] is picked by comparing with the vocabulary's indices, which
+    fuses, where a gather's backward (a scatter into zeros) took a pass of its own (benchmarks/loss_forms.py).
+    Padding targets (outside [0, V)) pick nothing; mask them."""
     z = logits.float()
-    target_logit = z.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    is_target = torch.arange(z.shape[-1], device=z.device) == targets.unsqueeze(-1)
+    target_logit = torch.where(is_target, z, 0.0).sum(-1)
     lse = torch.logsumexp(z, -1)
     if not label_smoothing:
         return lse - target_logit

@@ -166,7 +166,8 @@ def _environment() -> str:
     """Everything outside the function and its inputs that changes what a compile produces (the settings
     are read at each compile: a script may change them between two)."""
     settings = (torch._dynamo.config.save_config_portable(), torch._inductor.config.save_config_portable(),
-                torch._functorch.config.save_config_portable())
+                torch._functorch.config.save_config_portable(),
+                torch.backends.mkldnn.enabled)  # minifn.onednn's switch
     return fingerprint((torch.__version__, sys.version, _minifn_source(), settings))
 
 

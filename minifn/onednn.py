@@ -1,0 +1,88 @@
+"""Linear layers whose forward product runs in oneDNN on x86 CPUs in float32, where MKL is slow.
+
+aten sends every float32 product on an x86 CPU to MKL. On the AMD EPYC machines measured here, MKL runs
+products with a short inner dimension (the embedding width) at 55-70% of its own peak, and oneDNN, which
+PyTorch also ships, runs them up to 1.9x faster: the head's x W^T (256 x 256 x 32000 at the seed shape) most of
+all (benchmarks/gemm_backends.py). `linear` computes the forward product there and leaves the backward
+products to aten: MKL runs them as fast, or oneDNN's result comes out transposed, which costs the update more
+than it saves. Everywhere else (GPU, other dtypes, autocast, under vmap) it is F.linear, and so it is with
+oneDNN switched off: `torch.backends.mkldnn.flags(enabled=False)` around the first call of a step (its trace).
+
+Mechanics: the oneDNN call is a custom op (opaque to dynamo, with a fake kernel for tracing), wrapped in an
+autograd.Function whose backward is plain aten products. torch.func.grad and torch.compile both keep that
+backward: tests/test_onednn.py checks the gradients of whole steps, eager and compiled, against F.linear's.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch._C._functorch import TransformType, peek_interpreter_stack
+from torch._functorch.pyfunctorch import coerce_cinterpreter
+
+AVAILABLE = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """aten's entry to oneDNN's linear (with no fused activation: "none")."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@torch.library.custom_op("minifn::onednn_linear", mutates_args=(), device_types="cpu")
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight^T + bias by oneDNN; no autograd of its own (see _Linear)."""
+    return _kernel(x.contiguous(), weight.contiguous(), bias)
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear's function and gradients, with the forward product in oneDNN and the backward in aten."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every gradient, always: compiled under torch.func.grad, ctx.needs_input_grad reads False for inputs
+        # that need one (pytorch/pytorch#159299), and skipping by it made the weights' gradients zero, silently.
+        x, weight = ctx.saved_tensors
+        grad_2d = grad.flatten(0, -2)
+        grad_bias = grad_2d.sum(0) if ctx.has_bias else None
+        return grad @ weight, grad_2d.T @ x.flatten(0, -2), grad_bias
+
+
+def routes(x: Tensor, weight: Tensor) -> bool:
+    """Whether linear(x, weight) takes oneDNN: float32 CPU tensors, no autocast, oneDNN not switched off
+    (torch.backends.mkldnn.enabled), and no torch.func transform but at most one grad (a train step's).
+    Under vmap, dynamo cannot batch an autograd.Function; under a second grad, one level is enough to keep
+    the route simple. Every check here traces under torch.compile, which guards on the switch."""
+    return (AVAILABLE and torch.backends.mkldnn.enabled and x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and _at_most_one_grad())
+
+
+def _at_most_one_grad() -> bool:
+    if not torch._C._are_functorch_transforms_active():  # dynamo cannot test peek_interpreter_stack() for None
+        return True
+    innermost = coerce_cinterpreter(peek_interpreter_stack())
+    return innermost.level() == 1 and innermost.key() == TransformType.Grad
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias), its forward product in oneDNN where `routes` says so."""
+    return _Linear.apply(x, weight, bias) if routes(x, weight) else F.linear(x, weight, bias)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -38,6 +39,8 @@ VARIANTS = {
     "c_pure": "minifn train_step, eager, pure (a new state each step)",
     "c": "minifn train_step, eager, state donated (inplace=True, as minifn train runs)",
     "d": "minifn train_step, compiled, state donated",
+    # d as it was before minifn.onednn: every product in aten's MKL (oneDNN switched off while it traces and runs)
+    "d_mkl": "minifn train_step, compiled, state donated, oneDNN off",
     # The same under bfloat16 autocast (minifn train's --dtype auto where the hardware has bfloat16):
     # float32 parameters and optimizer, bfloat16 matmuls.
     "a_bf16": "eager nn.Module + AdamW(fused=True), bfloat16 autocast",
@@ -45,7 +48,7 @@ VARIANTS = {
     "c_bf16": "minifn train_step, eager, state donated, bfloat16 autocast",
     "d_bf16": "minifn train_step, compiled, state donated, bfloat16 autocast",
 }
-COMPILED = ("b", "d", "b_bf16", "d_bf16")
+COMPILED = ("b", "d", "d_mkl", "b_bf16", "d_bf16")
 
 
 def bench_device() -> torch.device:
@@ -89,12 +92,13 @@ def build(variant: str, config: ModelConfig, batch_size: int):
 
         return step
     tx = optim.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
-    train_step = make_train_step(config, tx, compile="on" if kind == "d" else "off", inplace=kind != "c_pure",
-                                 autocast_dtype=autocast_dtype, device=device)
+    train_step = make_train_step(config, tx, compile="on" if kind in ("d", "d_mkl") else "off",
+                                 inplace=kind != "c_pure", autocast_dtype=autocast_dtype, device=device)
     holder = [init_state(params, tx)]
 
     def step():
-        holder[0], _ = train_step(holder[0], (x, y))
+        with torch.backends.mkldnn.flags(enabled=False) if kind == "d_mkl" else contextlib.nullcontext():
+            holder[0], _ = train_step(holder[0], (x, y))
 
     return step
 

@@ -23,7 +23,7 @@ os.environ["MINIFN_BENCH_DEVICE"] = "cpu"  # a CPU benchmark: its categories are
 from common import CONFIGS, build, machine, matmul_peak_flops, run_script, step_flops, write_section  # noqa: E402
 
 CATEGORIES = [  # first match wins
-    ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm")),
+    ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm", "_linear_pointwise")),  # MKL; oneDNN
     ("attention (SDPA)", ("scaled_dot_product",)),
     ("optimizer update", ("lerp", "fused_adam")),  # inductor's own update, or torch's fused kernel
     ("log-softmax / loss", ("log_softmax", "logsumexp")),

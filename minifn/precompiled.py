@@ -271,7 +271,7 @@ def saved_compile(fn: Callable, directory: Path, options: dict | None = None) ->
     if torch._inductor.config.force_disable_caches:
         return None
     try:
-        name = fingerprint((fn, options, _environment()))
+        name = fingerprint((fn, options))
     except Unnameable:
         return None
     compiler = torch.compile(fn, fullgraph=True, dynamic=False,
@@ -282,7 +282,7 @@ def saved_compile(fn: Callable, directory: Path, options: dict | None = None) ->
     entries, ordinary = [], []
 
     def entry_for(args):
-        path = directory / f"{fingerprint((name, _inputs(args)))}.bin"
+        path = directory / f"{fingerprint((name, _environment(), _inputs(args)))}.bin"  # settings as of this call
         compiled = _load(path)
         if compiled is not None and compiled.guard_check(*args):
             stats["loaded"] += 1

@@ -119,6 +119,19 @@ def test_a_changed_global_value_is_compiled_anew(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("*.bin"))) == 2
 
 
+def test_settings_as_of_the_first_call_name_the_step(tmp_path):
+    """A setting the trace reads (oneDNN's switch, which minifn.onednn routes the linear layers by) names
+    the file as it stands when the step is first called, not when the step was made: a step made
+    before the switch was turned off must not load the one saved with it on."""
+    x, w = inputs()
+    made_before = saved_compile(affine, tmp_path)
+    saved_compile(affine, tmp_path)(x, w, 2.0)
+    compiled_before = stats["compiled"]
+    with torch.backends.mkldnn.flags(enabled=False):
+        made_before(x, w, 2.0)
+    assert stats["compiled"] == compiled_before + 1 and len(list(tmp_path.glob("*.bin"))) == 2
+
+
 def test_a_damaged_file_is_compiled_again_and_replaced(tmp_path):
     fn = functools.partial(affine, scale=2.0)
     x, w = inputs()

@@ -10,7 +10,7 @@ oneDNN switched off: `torch.backends.mkldnn.flags(enabled=False)` around the fir
 
 Mechanics: the oneDNN call is a custom op (opaque to dynamo, with a fake kernel for tracing), wrapped in an
 autograd.Function whose backward is plain aten products. torch.func.grad and torch.compile both keep that
-backward: tests/test_onednn.py checks the gradients of whole steps, eager and compiled, against F.linear's.
+backward: tests/test_onednn.py checks the whole model's gradients, eager and compiled, against F.linear's.
 """
 
 from __future__ import annotations

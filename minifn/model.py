@@ -30,11 +30,27 @@ Params = dict[str, Tensor]
 KVCache = list[tuple[Tensor, Tensor]]
 
 
+@torch.library.custom_op("minifn::rotary_angles", mutates_args=())
 def rotary_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotary angles, [T, K/2] (see apply_rotary)."""
+    """cos and sin of the rotary angles, [..., T, K/2] for positions [..., T] (see apply_rotary).
+
+    An op of its own, opaque to inductor, so that the table is computed once per forward: inlined, as inductor
+    inlines any pointwise result that reads no memory, its pow, cos and sin were computed again for every
+    element of q and k in every layer, forward and backward (benchmarks/profile_step.py)."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, K/2]
+    angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
+
+
+@rotary_angles.register_fake
+def _(positions, head_dim, theta):
+    shape = (*positions.shape, head_dim // 2)
+    return positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32)
+
+
+@rotary_angles.register_vmap
+def _(info, in_dims, positions, head_dim, theta):  # per position: batched positions give batched tables
+    return rotary_angles(positions.movedim(in_dims[0], 0), head_dim, theta), (0, 0)
 
 
 def apply_rotary(x_BHTK: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ from torch.func import functional_call
 
 from conftest import tiny_config
 from minifn.config import ConfigError, ModelConfig
-from minifn.model import apply, init_params, num_params
+from minifn.model import apply, init_params, num_params, rotary_angles
 from minifn.reference import ReferenceTransformer
 from minifn.rng import dropout, fold_in
 
@@ -67,6 +67,34 @@ def test_swapping_trees_through_compiled_apply_does_not_recompile(tiny):
     torch.testing.assert_close(a, a_again)
     torch.testing.assert_close(a, apply(first, tokens, tiny), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_forward_computes_the_rotary_table_once(tiny):
+    """Inlined, the table's cos and sin were recomputed for every element of q and k in each layer's kernels;
+    as an op of its own, no generated kernel computes a cosine."""
+    from torch._inductor.utils import run_and_get_code
+
+    params = perturbed(init_params(tiny, seed=3))
+    tokens = torch.randint(0, tiny.vocab_size, (2, tiny.max_seq_len))
+    logits, codes = run_and_get_code(torch.compile(apply, fullgraph=True, dynamic=False), params, tokens, tiny)
+    torch.testing.assert_close(logits, apply(params, tokens, tiny), rtol=1e-4, atol=1e-5)
+    code = "\n".join(codes)
+    assert "minifn.rotary_angles" in code
+    assert "cos" not in code
+
+
+def test_rotary_table_per_position_and_under_vmap():
+    seed = int(torch.randint(0, 2**31, ()))
+    positions = torch.randint(0, 4096, (3, 7), generator=torch.Generator().manual_seed(seed))
+    cos, sin = rotary_angles(positions[0], 16, 10000.0)
+    inv_freq = 10000.0 ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    angles = positions[0, :, None].double() * inv_freq
+    torch.testing.assert_close(cos, angles.cos().float(), rtol=0, atol=2e-3)  # float32 angles up to 4096 rad
+    torch.testing.assert_close(sin, angles.sin().float(), rtol=0, atol=2e-3)
+    batched = torch.vmap(rotary_angles, in_dims=(1, None, None))(positions, 16, 10000.0)
+    for i in range(7):
+        for got, want in zip(batched, rotary_angles(positions[:, i], 16, 10000.0)):
+            assert torch.equal(got[i], want)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"tie_embeddings": False},

@@ -68,19 +68,24 @@ class _Linear(torch.autograd.Function):
 
 def routes(x: Tensor, weight: Tensor) -> bool:
     """Whether linear(x, weight) takes oneDNN: float32 CPU tensors, no autocast, oneDNN not switched off
-    (torch.backends.mkldnn.enabled), and no torch.func transform but at most one grad (a train step's).
+    (torch.backends.mkldnn.enabled), and no torch.func transform but at most one grad (a train step's), with
+    an input that requires grad there.
     Under vmap, dynamo cannot batch an autograd.Function; under a second grad, one level is enough to keep
     the route simple. Every check here traces under torch.compile, which guards on the switch."""
     return (AVAILABLE and torch.backends.mkldnn.enabled and x.device.type == "cpu"
             and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and _at_most_one_grad())
+            and _at_most_one_grad(x, weight))
 
 
-def _at_most_one_grad() -> bool:
+def _at_most_one_grad(x: Tensor, weight: Tensor) -> bool:
     if not torch._C._are_functorch_transforms_active():  # dynamo cannot test peek_interpreter_stack() for None
         return True
     innermost = coerce_cinterpreter(peek_interpreter_stack())
-    return innermost.level() == 1 and innermost.key() == TransformType.Grad
+    # Under grad, dynamo keeps the autograd.Function only where it sees an input requiring grad; it reads a
+    # function's own inputs as not requiring it and inlines forward (pytorch/pytorch#193279), where the custom
+    # op has no gradient: the compile fails. A train step's layers all see an input that requires grad.
+    return (innermost.level() == 1 and innermost.key() == TransformType.Grad
+            and (x.requires_grad or weight.requires_grad))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

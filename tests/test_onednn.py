@@ -111,3 +111,20 @@ def test_a_vmapped_model_takes_f_linear(onednn_calls):
     assert not onednn_calls
     for i, params in enumerate(members):
         torch.testing.assert_close(got[i], apply(params, tokens, CONFIG), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("argnums", [0, 1, (0, 1)])
+def test_compiled_grad_of_a_function_of_its_own_weight_and_input(argnums):
+    """Dynamo reads a grad-transformed function's own inputs as not requiring grad, and so inlined the route's
+    forward, whose custom op has no gradient: the compile failed. Such a linear takes F.linear instead."""
+    seed = int(torch.randint(0, 2**31, ()))
+    g = torch.Generator().manual_seed(seed)
+    weight, x = torch.randn(24, 40, generator=g), torch.randn(3, 5, 40, generator=g)
+
+    def loss(linear):
+        return lambda weight, x: linear(x, weight).sin().sum()
+
+    got = torch.compile(torch.func.grad(loss(onednn.linear), argnums), fullgraph=True)(weight, x)
+    want = torch.func.grad(loss(F.linear), argnums)(weight, x)
+    for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

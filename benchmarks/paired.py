@@ -1,0 +1,89 @@
+"""Two train-step variants stepped in turn for many rounds: the spread of their speed ratio, round by round.
+
+    python benchmarks/paired.py --config bench --variants b,d --rounds 36
+    python benchmarks/paired.py --config tiny --variants a,d --rounds 4 --output /tmp/x.md   # a quick check
+
+On these shared 2-core machines one step can take 0.85x or 1.25x of the next for no reason of its own, so
+a median over 15 rounds (train_step.py's interleaved column) can miss by several percent. Here each round
+times the first variant, then the second, in one process (so both see the same moment of the machine),
+and the report gives the quartiles of the per-round ratios, the ratio of medians and of fastest steps,
+and the page faults per step of each (glibc's default malloc, as plain PyTorch runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import CONFIGS, VARIANTS, build, machine, sync, write_section  # noqa: E402
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def measure(config_name: str, variants: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Per variant: each round's step seconds and page faults."""
+    config, batch_size = CONFIGS[config_name]
+    steps = {v: build(v, config, batch_size) for v in variants}
+    for step in steps.values():  # compile, then a warm step
+        step()
+        step()
+    sync()
+    out = {v: {"seconds": [], "faults": []} for v in variants}
+    for _ in range(rounds):
+        for v, step in steps.items():
+            faults, start = minor_faults(), time.perf_counter()
+            step()
+            sync()
+            out[v]["seconds"].append(time.perf_counter() - start)
+            out[v]["faults"].append(minor_faults() - faults)
+    return out
+
+
+def report(config_name: str, variants: list[str], rounds: int, results: dict, command: str) -> str:
+    base, other = variants
+    b, o = results[base]["seconds"], results[other]["seconds"]
+    ratios = [x / y for x, y in zip(b, o)]
+    q1, med, q3 = statistics.quantiles(ratios, n=4)
+    lines = [f"## Paired steps: {config_name}, ({other}) against ({base})", "", f"Machine: {machine()}", "",
+             f"Command: `{command}`", "",
+             f"{rounds} rounds, each stepping ({base}) then ({other}) in one process. Speed of ({other}) over "
+             f"({base}), per round: quartiles {q1:.3f} / **{med:.3f}** / {q3:.3f}; ratio of medians "
+             f"{statistics.median(b) / statistics.median(o):.3f}; of fastest steps {min(b) / min(o):.3f}.", "",
+             "| variant | fastest ms | median ms | quartiles ms | page faults per step (median) |",
+             "|---|---|---|---|---|"]
+    for v in variants:
+        s = results[v]["seconds"]
+        lo, mid, hi = statistics.quantiles(s, n=4)
+        lines.append(f"| ({v}) {VARIANTS[v]} | {min(s) * 1e3:.1f} | {mid * 1e3:.1f} | {lo * 1e3:.1f} - "
+                     f"{hi * 1e3:.1f} | {statistics.median(results[v]['faults']):.0f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="bench", help=f"one of {', '.join(CONFIGS)}")
+    parser.add_argument("--variants", default="b,d", help="two, comma-separated: the base, then the other")
+    parser.add_argument("--rounds", type=int, default=36)
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    if len(variants) != 2 or not set(variants) <= set(VARIANTS) or args.config not in CONFIGS or args.rounds < 2:
+        parser.error(f"two variants from {', '.join(VARIANTS)}, a config from {', '.join(CONFIGS)}, 2+ rounds")
+    results = measure(args.config, variants, args.rounds)
+    command = f"python benchmarks/paired.py {' '.join(sys.argv[1:])}"
+    text = report(args.config, variants, args.rounds, results, command)
+    write_section(args.output, f"paired-{args.config}-{'-'.join(variants)}", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

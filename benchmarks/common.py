@@ -103,6 +103,26 @@ def build(variant: str, config: ModelConfig, batch_size: int):
     return step
 
 
+def round_robin(config_name: str, variants: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Step every variant in turn for `rounds` rounds in this process (after a compile and a warm step each), so
+    machine noise hits them alike; per variant, each round's step seconds and minor page faults."""
+    config, batch_size = CONFIGS[config_name]
+    steps = {v: build(v, config, batch_size) for v in variants}
+    for step in steps.values():
+        step()
+        step()
+    sync()
+    out = {v: {"seconds": [], "faults": []} for v in variants}
+    for _ in range(rounds):
+        for v, step in steps.items():
+            faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            step()
+            sync()
+            out[v]["seconds"].append(time.perf_counter() - start)
+            out[v]["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+    return out
+
+
 def median_seconds(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):

@@ -13,39 +13,14 @@ and the page faults per step of each (glibc's default malloc, as plain PyTorch r
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import CONFIGS, VARIANTS, build, machine, sync, write_section  # noqa: E402
-
-
-def minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def measure(config_name: str, variants: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
-    """Per variant: each round's step seconds and page faults."""
-    config, batch_size = CONFIGS[config_name]
-    steps = {v: build(v, config, batch_size) for v in variants}
-    for step in steps.values():  # compile, then a warm step
-        step()
-        step()
-    sync()
-    out = {v: {"seconds": [], "faults": []} for v in variants}
-    for _ in range(rounds):
-        for v, step in steps.items():
-            faults, start = minor_faults(), time.perf_counter()
-            step()
-            sync()
-            out[v]["seconds"].append(time.perf_counter() - start)
-            out[v]["faults"].append(minor_faults() - faults)
-    return out
+from common import CONFIGS, VARIANTS, machine, round_robin, write_section  # noqa: E402
 
 
 def report(config_name: str, variants: list[str], rounds: int, results: dict, command: str) -> str:
@@ -78,7 +53,7 @@ def main():
     variants = args.variants.split(",")
     if len(variants) != 2 or not set(variants) <= set(VARIANTS) or args.config not in CONFIGS or args.rounds < 2:
         parser.error(f"two variants from {', '.join(VARIANTS)}, a config from {', '.join(CONFIGS)}, 2+ rounds")
-    results = measure(args.config, variants, args.rounds)
+    results = round_robin(args.config, variants, args.rounds)
     command = f"python benchmarks/paired.py {' '.join(sys.argv[1:])}"
     text = report(args.config, variants, args.rounds, results, command)
     write_section(args.output, f"paired-{args.config}-{'-'.join(variants)}", text)

@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     median_seconds,
     merge_caches,
     peak_memory_mb,
+    round_robin,
     run_script,
     step_flops,
     sync,
@@ -55,19 +56,9 @@ def worker(variant: str, config_name: str, repeats: int) -> dict:
 
 
 def interleaved(config_name: str, rounds: int, variants: list[str]) -> dict:
-    config, batch_size = CONFIGS[config_name]
-    steps = {v: build(v, config, batch_size) for v in variants}
-    for step in steps.values():  # compile (warm cache) and warm up
-        step()
-        step()
-    times = {v: [] for v in steps}
-    for _ in range(rounds):
-        for v, step in steps.items():
-            start = time.perf_counter()
-            step()
-            sync()
-            times[v].append(time.perf_counter() - start)
-    return {"step_s": {v: statistics.median(t) for v, t in times.items()}, "peak_flops": matmul_peak_flops()}
+    times = round_robin(config_name, variants, rounds)
+    return {"step_s": {v: statistics.median(t["seconds"]) for v, t in times.items()},
+            "peak_flops": matmul_peak_flops()}
 
 
 def measure(config_names: list[str], repeats: int, rounds: int, variants: list[str]) -> dict:

@@ -1,16 +1,18 @@
-"""Linear layers whose forward product runs in oneDNN on x86 CPUs in float32, where MKL is slow.
+"""Linear layers whose forward product and input gradient run in oneDNN on x86 CPUs in float32, where MKL is slow.
 
 aten sends every float32 product on an x86 CPU to MKL. On the AMD EPYC machines measured here, MKL runs
 products with a short inner dimension (the embedding width) at 55-70% of its own peak, and oneDNN, which
 PyTorch also ships, runs them up to 1.9x faster: the head's x W^T (256 x 256 x 32000 at the seed shape) most of
-all (benchmarks/gemm_backends.py). `linear` computes the forward product there and leaves the backward
-products to aten: MKL runs them as fast, or oneDNN's result comes out transposed, which costs the update more
-than it saves. Everywhere else (GPU, other dtypes, autocast, under vmap) it is F.linear, and so it is with
-oneDNN switched off: `torch.backends.mkldnn.flags(enabled=False)` around the first call of a step (its trace).
+all (benchmarks/gemm_backends.py). `linear` computes the forward product y = x W^T and the input's gradient
+dx = dy W there (the same kernel, with W^T as the weight: a view, never copied). The weight's gradient
+stays in aten: oneDNN computes it fast only transposed, and the copy back costs what it saves. Everywhere else
+(GPU, other dtypes, autocast, under vmap) it is F.linear, and so it is with oneDNN switched off:
+`torch.backends.mkldnn.flags(enabled=False)` around the first call of a step (its trace).
 
 Mechanics: the oneDNN call is a custom op (opaque to dynamo, with a fake kernel for tracing), wrapped in an
-autograd.Function whose backward is plain aten products. torch.func.grad and torch.compile both keep that
-backward: tests/test_onednn.py checks the whole model's gradients, eager and compiled, against F.linear's.
+autograd.Function whose backward computes dx by the same Function and dW by aten. torch.func.grad and
+torch.compile both keep that backward: tests/test_onednn.py checks the whole model's gradients, eager and
+compiled, against F.linear's.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @torch.library.custom_op("minifn::onednn_linear", mutates_args=(), device_types="cpu")
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x @ weight^T + bias by oneDNN; no autograd of its own (see _Linear)."""
-    return _kernel(x.contiguous(), weight.contiguous(), bias)
+    return _kernel(x.contiguous(), weight, bias)  # any weight layout: oneDNN reads its strides
 
 
 @onednn_linear.register_fake
@@ -44,7 +46,7 @@ def _(x, weight, bias):
 
 
 class _Linear(torch.autograd.Function):
-    """F.linear's function and gradients, with the forward product in oneDNN and the backward in aten."""
+    """F.linear's function and gradients, with y = x W^T and dx = dy W in oneDNN and dW in aten."""
 
     @staticmethod
     def forward(x, weight, bias):
@@ -63,7 +65,10 @@ class _Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_2d = grad.flatten(0, -2)
         grad_bias = grad_2d.sum(0) if ctx.has_bias else None
-        return grad @ weight, grad_2d.T @ x.flatten(0, -2), grad_bias
+        # dx through this Function again, not the bare op: under torch.func.grad the backward runs above the
+        # transform, where an op without autograd fails; its own backward (aten) is there if anyone needs it.
+        grad_x = _Linear.apply(grad, weight.T, None)
+        return grad_x, grad_2d.T @ x.flatten(0, -2), grad_bias
 
 
 def routes(x: Tensor, weight: Tensor) -> bool:

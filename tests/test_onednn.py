@@ -54,16 +54,19 @@ def assert_each_leaf_close(got, want, tol=1e-5):
 
 def test_linear_equals_f_linear_for_any_layout():
     x = torch.randn(3, 40, 5).transpose(1, 2)  # [3, 5, 40], not contiguous
-    weight, bias = torch.randn(24, 40), torch.randn(24)
-    for b in (bias, None):
-        torch.testing.assert_close(onednn.linear(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    bias = torch.randn(24)
+    # the weight as stored, transposed (as the backward passes it), and strided both ways
+    for weight in (torch.randn(24, 40), torch.randn(40, 24).T, torch.randn(24, 80)[:, ::2], torch.randn(48, 40)[::2]):
+        for b in (bias, None):
+            torch.testing.assert_close(onednn.linear(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
 def test_eager_gradients_equal_f_linears(monkeypatch, onednn_calls):
     params = init_params(CONFIG, seed=int(torch.randint(0, 1000, ())))
     tokens, targets = random_batch()
     got = torch.func.grad(summed_loss)(params, tokens, targets)
-    assert len(onednn_calls) == 4 * CONFIG.num_layers + 1  # qkv, out, up, down per layer, and the head
+    # y = x W^T and dx = dy W for qkv, out, up and down in each layer, and for the head
+    assert len(onednn_calls) == 2 * (4 * CONFIG.num_layers + 1)
     assert_each_leaf_close(got, f_linear_grads(monkeypatch, params, tokens, targets))
 
 
@@ -74,7 +77,7 @@ def test_compiled_gradients_equal_f_linears(monkeypatch, onednn_calls):
     params = init_params(CONFIG, seed=int(torch.randint(0, 1000, ())))
     tokens, targets = random_batch()
     got = torch.compile(torch.func.grad(summed_loss), fullgraph=True)(params, tokens, targets)
-    assert len(onednn_calls) == 4 * CONFIG.num_layers + 1  # the compiled code ran oneDNN's kernel
+    assert len(onednn_calls) == 2 * (4 * CONFIG.num_layers + 1)  # the compiled code ran oneDNN's kernel
     assert_each_leaf_close(got, f_linear_grads(monkeypatch, params, tokens, targets))
 
 

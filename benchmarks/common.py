@@ -162,14 +162,18 @@ def peak_memory_mb() -> float:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
+    cpu, flags = "unknown CPU", set()
     if os.path.exists("/proc/cpuinfo"):
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
+    isa = torch.backends.cpu.get_cpu_capability()  # the widest vector kernels torch's CPU ops use here
+    isa += ", native bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else ""
     gpu = f", GPU {torch.cuda.get_device_name()}" if bench_device().type == "cuda" else ""
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    return (f"{cpu} ({isa}), {os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}")
 
 

@@ -173,8 +173,8 @@ def machine() -> str:
     isa = torch.backends.cpu.get_cpu_capability()  # the widest vector kernels torch's CPU ops use here
     isa += ", native bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else ""
     gpu = f", GPU {torch.cuda.get_device_name()}" if bench_device().type == "cuda" else ""
-    return (f"{cpu} ({isa}), {os.cpu_count()} cores{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
+    return (f"{cpu} ({isa}), {os.cpu_count()} cores{gpu}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def cache_env(folder: str) -> dict[str, str]:

@@ -71,7 +71,9 @@ def measure(config_name: str, rounds: int) -> list[dict]:
 
 
 def report(sections: dict[str, list[dict]], command: str) -> str:
-    lines = ["## Matrix products: MKL against oneDNN", "", f"Machine: {machine()}", "", f"Command: `{command}`", "",
+    isa = torch.backends.cpu.get_cpu_capability()
+    lines = [f"## Matrix products: MKL against oneDNN ({isa})", "", f"Machine: {machine()}", "",
+             f"Command: `{command}`", "",
              "Float32, one process, the two libraries in turn; median ms per product. Shape is tokens x in x out.",
              "'Step total' weighs each product by how often a step runs it (once per layer).", ""]
     for name, rows in sections.items():
@@ -102,7 +104,8 @@ def main():
     sections = {name: measure(name, args.rounds) for name in args.configs.split(",")}
     command = ("python benchmarks/gemm_backends.py " + " ".join(sys.argv[1:])).strip()
     text = report(sections, command)
-    write_section(args.output, "gemm_backends", text)
+    # one section per vector level: the two libraries rank differently on AVX2 and AVX-512 machines
+    write_section(args.output, f"gemm_backends-{torch.backends.cpu.get_cpu_capability()}", text)
     print(text)
 
 

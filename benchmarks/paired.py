@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -28,7 +30,8 @@ def report(config_name: str, variants: list[str], rounds: int, results: dict, co
     b, o = results[base]["seconds"], results[other]["seconds"]
     ratios = [x / y for x, y in zip(b, o)]
     q1, med, q3 = statistics.quantiles(ratios, n=4)
-    lines = [f"## Paired steps: {config_name}, ({other}) against ({base})", "", f"Machine: {machine()}", "",
+    isa = torch.backends.cpu.get_cpu_capability()
+    lines = [f"## Paired steps: {config_name}, ({other}) against ({base}), {isa}", "", f"Machine: {machine()}", "",
              f"Command: `{command}`", "",
              f"{rounds} rounds, each stepping ({base}) then ({other}) in one process. Speed of ({other}) over "
              f"({base}), per round: quartiles {q1:.3f} / **{med:.3f}** / {q3:.3f}; ratio of medians "
@@ -56,7 +59,9 @@ def main():
     results = round_robin(args.config, variants, args.rounds)
     command = f"python benchmarks/paired.py {' '.join(sys.argv[1:])}"
     text = report(args.config, variants, args.rounds, results, command)
-    write_section(args.output, f"paired-{args.config}-{'-'.join(variants)}", text)
+    # one section per vector level: AVX2 and AVX-512 machines rank the variants differently
+    write_section(args.output, f"paired-{args.config}-{'-'.join(variants)}-{torch.backends.cpu.get_cpu_capability()}",
+                  text)
     print(text)
 
 

@@ -56,11 +56,11 @@ def profile(config_name: str, steps: int = 3) -> dict:
             "peak": matmul_peak_flops()}
 
 
-def compile_split(config_name: str) -> dict:
+def compile_split(config_name: str, variant: str = "d") -> dict:
     import torch
 
     config, batch_size = CONFIGS[config_name]
-    step = build("d", config, batch_size)
+    step = build(variant, config, batch_size)
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start

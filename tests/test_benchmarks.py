@@ -22,7 +22,7 @@ SCRIPTS = [
                       "--repeats", "1"], "## Keeping freed memory"),
     ("tutorial.py", ["--epochs", "1", "--compile", "off"], "## The tutorial's command, end to end"),
     ("compile_ab.py", ["--base", "HEAD", "--configs", "tiny", "--rounds", "1"], "## Cold compile, before and after"),
-    ("gemm_backends.py", ["--configs", "tiny", "--rounds", "2"], "## Matrix products: MKL against oneDNN"),
+    ("gemm_backends.py", ["--configs", "tiny", "--rounds", "2"], "## Matrix products: MKL against oneDNN ("),
     ("loss_forms.py", ["--configs", "tiny", "--rounds", "2"], "## Cross-entropy: F.cross_entropy against logsumexp"),
     ("paired.py", ["--config", "tiny", "--variants", "a,d", "--rounds", "3"], "## Paired steps: tiny, (d) against (a)"),
 ]

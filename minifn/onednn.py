@@ -94,5 +94,5 @@ def _at_most_one_grad(x: Tensor, weight: Tensor) -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias), its forward product in oneDNN where `routes` says so."""
+    """F.linear(x, weight, bias), its forward product and input gradient in oneDNN where `routes` says so."""
     return _Linear.apply(x, weight, bias) if routes(x, weight) else F.linear(x, weight, bias)

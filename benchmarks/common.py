@@ -161,6 +161,12 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def vector_level() -> str:
+    """The widest vector kernels torch's CPU ops use here (AVX2, AVX512, ...): it decides how the BLAS
+    libraries and the variants rank, so sections that compare them are kept per level."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def machine() -> str:
     cpu, flags = "unknown CPU", set()
     if os.path.exists("/proc/cpuinfo"):
@@ -170,8 +176,7 @@ def machine() -> str:
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    isa = torch.backends.cpu.get_cpu_capability()  # the widest vector kernels torch's CPU ops use here
-    isa += ", native bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else ""
+    isa = vector_level() + (", native bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "")
     gpu = f", GPU {torch.cuda.get_device_name()}" if bench_device().type == "cuda" else ""
     return (f"{cpu} ({isa}), {os.cpu_count()} cores{gpu}, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")

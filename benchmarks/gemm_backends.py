@@ -25,7 +25,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import CONFIGS, machine, write_section  # noqa: E402
+from common import CONFIGS, machine, vector_level, write_section  # noqa: E402
 
 
 def onednn(x, w):
@@ -71,8 +71,7 @@ def measure(config_name: str, rounds: int) -> list[dict]:
 
 
 def report(sections: dict[str, list[dict]], command: str) -> str:
-    isa = torch.backends.cpu.get_cpu_capability()
-    lines = [f"## Matrix products: MKL against oneDNN ({isa})", "", f"Machine: {machine()}", "",
+    lines = [f"## Matrix products: MKL against oneDNN ({vector_level()})", "", f"Machine: {machine()}", "",
              f"Command: `{command}`", "",
              "Float32, one process, the two libraries in turn; median ms per product. Shape is tokens x in x out.",
              "'Step total' weighs each product by how often a step runs it (once per layer).", ""]
@@ -105,7 +104,7 @@ def main():
     command = ("python benchmarks/gemm_backends.py " + " ".join(sys.argv[1:])).strip()
     text = report(sections, command)
     # one section per vector level: the two libraries rank differently on AVX2 and AVX-512 machines
-    write_section(args.output, f"gemm_backends-{torch.backends.cpu.get_cpu_capability()}", text)
+    write_section(args.output, f"gemm_backends-{vector_level()}", text)
     print(text)
 
 

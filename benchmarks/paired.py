@@ -17,12 +17,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import CONFIGS, VARIANTS, machine, round_robin, write_section  # noqa: E402
+from common import CONFIGS, VARIANTS, machine, round_robin, vector_level, write_section  # noqa: E402
 
 
 def report(config_name: str, variants: list[str], rounds: int, results: dict, command: str) -> str:
@@ -30,9 +28,8 @@ def report(config_name: str, variants: list[str], rounds: int, results: dict, co
     b, o = results[base]["seconds"], results[other]["seconds"]
     ratios = [x / y for x, y in zip(b, o)]
     q1, med, q3 = statistics.quantiles(ratios, n=4)
-    isa = torch.backends.cpu.get_cpu_capability()
-    lines = [f"## Paired steps: {config_name}, ({other}) against ({base}), {isa}", "", f"Machine: {machine()}", "",
-             f"Command: `{command}`", "",
+    lines = [f"## Paired steps: {config_name}, ({other}) against ({base}), {vector_level()}", "",
+             f"Machine: {machine()}", "", f"Command: `{command}`", "",
              f"{rounds} rounds, each stepping ({base}) then ({other}) in one process. Speed of ({other}) over "
              f"({base}), per round: quartiles {q1:.3f} / **{med:.3f}** / {q3:.3f}; ratio of medians "
              f"{statistics.median(b) / statistics.median(o):.3f}; of fastest steps {min(b) / min(o):.3f}.", "",
@@ -60,8 +57,7 @@ def main():
     command = f"python benchmarks/paired.py {' '.join(sys.argv[1:])}"
     text = report(args.config, variants, args.rounds, results, command)
     # one section per vector level: AVX2 and AVX-512 machines rank the variants differently
-    write_section(args.output, f"paired-{args.config}-{'-'.join(variants)}-{torch.backends.cpu.get_cpu_capability()}",
-                  text)
+    write_section(args.output, f"paired-{args.config}-{'-'.join(variants)}-{vector_level()}", text)
     print(text)
 
 

@@ -14,6 +14,7 @@ round-robin.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -61,17 +62,20 @@ def interleaved(config_name: str, rounds: int, variants: list[str]) -> dict:
             "peak_flops": matmul_peak_flops()}
 
 
-def measure(config_names: list[str], repeats: int, rounds: int, variants: list[str]) -> dict:
+def measure(config_names: list[str], repeats: int, rounds: int, variants: list[str], jobs: int = 1) -> dict:
     results = {}
     for name in config_names:
-        per_variant = {}
         with tempfile.TemporaryDirectory() as tmp:
             caches = {v: os.path.join(tmp, v) for v in variants}  # each variant's cold compile starts from nothing
-            for v in variants:
+
+            def cold_and_warm(v, name=name, caches=caches):
                 cold = run_script(__file__, ["--worker", v, name, str(repeats)], caches[v])
                 warm = run_script(__file__, ["--worker", v, name, str(repeats)], caches[v])
-                per_variant[v] = {"cold": cold, "warm": warm}
                 print(f"{name} {v}: {cold}", file=sys.stderr, flush=True)
+                return {"cold": cold, "warm": warm}
+
+            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+                per_variant = dict(zip(variants, pool.map(cold_and_warm, variants)))
             shared = os.path.join(tmp, "all")
             merge_caches(caches.values(), shared)  # no variant compiles twice
             together = run_script(__file__, ["--interleaved", name, str(rounds), ",".join(variants)], shared)
@@ -79,13 +83,15 @@ def measure(config_names: list[str], repeats: int, rounds: int, variants: list[s
     return results
 
 
-def report(results: dict, command: str, title: str = "## Train step") -> str:
+def report(results: dict, command: str, title: str = "## Train step", jobs: int = 1) -> str:
     memory = "peak GPU memory MB" if bench_device().type == "cuda" else "peak RSS MB"
     lines = [title, "", f"Machine: {machine()}", "", f"Command: `{command}`", "",
              "Ratios are speed relative to (a), from the interleaved process (all variants stepping round-robin",
              "in one process, so machine noise hits them alike). Step times and memory come from each variant's own",
              "process; cold compile is the first step with an empty inductor cache of its own, warm the same with it",
-             "filled. MFU = model FLOPs per step / step time / float32 matmul FLOP/s measured in the same run",
+             "filled" + (f" ({jobs} variants' processes at a time, so compile times are upper bounds)" if jobs > 1
+                         else "") + ".",
+             "MFU = model FLOPs per step / step time / float32 matmul FLOP/s measured in the same run",
              "(so bfloat16 rows, whose matmuls run faster than float32's peak, go over 100%);",
              "model FLOPs per token = 6 x matmul parameters + 6 x layers x T x heads x head_dim (causal).", ""]
     for name, r in results.items():
@@ -122,6 +128,8 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from {', '.join(VARIANTS)}; a is the baseline [all]")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="[cuda when present]")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="variants' own processes run at a time (a GPU machine's many cores) [1]")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "CONFIG", "REPEATS"), help=argparse.SUPPRESS)
     parser.add_argument("--interleaved", nargs=3, metavar=("CONFIG", "ROUNDS", "VARIANTS"), help=argparse.SUPPRESS)
@@ -139,11 +147,16 @@ def main():
     variants = args.variants.split(",")
     if "a" not in variants or not set(variants) <= set(VARIANTS):
         parser.error(f"--variants: a comma-separated list from {', '.join(VARIANTS)} that includes a")
-    results = measure(configs.split(","), repeats, rounds, variants)
+    results = measure(configs.split(","), repeats, rounds, variants, args.jobs)
     command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
-    own_section = variants != list(VARIANTS)  # a subset keeps the full table, and gets a section of its own
-    text = report(results, command.strip(), "## Train step" + (f": {', '.join(variants)}" if own_section else ""))
-    write_section(args.output, f"train_step-{'-'.join(variants)}" if own_section else "train_step", text)
+    # A subset of variants, or a GPU (whose configs differ), keeps the CPU's full table and gets a section
+    # of its own.
+    section = ["train_step"] + (["cuda", *configs.split(",")] if bench_device().type == "cuda" else [])
+    section += variants if variants != list(VARIANTS) else []
+    title = "## Train step" + (" on CUDA" if bench_device().type == "cuda" else "")
+    title += f": {', '.join(variants)}" if variants != list(VARIANTS) else ""
+    text = report(results, command.strip(), title, args.jobs)
+    write_section(args.output, "-".join(section), text)
     print(text)
 
 

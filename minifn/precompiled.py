@@ -274,8 +274,11 @@ def saved_compile(fn: Callable, directory: Path, options: dict | None = None) ->
         name = fingerprint((fn, options))
     except Unnameable:
         return None
+    portable = getattr(torch.compiler, "keep_portable_guards_unsafe", None)
+    if portable is None:  # a torch before AOT precompile
+        return None
     compiler = torch.compile(fn, fullgraph=True, dynamic=False,
-                             options={**(options or {}), "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
+                             options={**(options or {}), "guard_filter_fn": portable})
     if not hasattr(compiler, "aot_compile"):
         return None
     _record_each_source_once()

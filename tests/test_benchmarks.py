@@ -11,7 +11,8 @@ import torch
 from conftest import ROOT, shared_file
 
 SCRIPTS = [
-    ("train_step.py", ["--quick", "--configs", "tiny", "--variants", "a,c,d,a_bf16,d_bf16"], "### tiny:"),
+    ("train_step.py", ["--quick", "--configs", "tiny", "--variants", "a,c,d,a_bf16,d_bf16", "--jobs", "2"],
+     "### tiny:"),
     ("swap.py", ["--quick", "--config", "tiny", "--k", "2"], "## Swapping parameter trees"),
     ("generate.py", ["--quick", "--config", "tiny", "--new-tokens", "6", "--prompt-tokens", "4"], "## Generation"),
     ("profile_step.py", ["--configs", "tiny"], "## Where the time goes"),

@@ -378,7 +378,7 @@ def _fusable(grads: list[Tensor], params: list[Tensor]) -> bool:
     """Whether torch's fused Adam kernels take these leaves: plain tensors (not under torch.func, not
     differentiated through), floating point, each gradient in its parameter's dtype, on one device that
     has the kernels."""
-    return (bool(params) and not _wrapped(grads, params) and params[0].device.type in _FUSED_DEVICES
+    return (len(params) > 0 and not _wrapped(grads, params) and params[0].device.type in _FUSED_DEVICES
             and all(p.is_floating_point() and not p.requires_grad and g.dtype == p.dtype
                     and p.device == g.device == params[0].device for p, g in zip(params, grads, strict=True)))
 

@@ -160,7 +160,7 @@ def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: 
     else:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optim.apply_updates(state.params, updates)
-    step, ema, has_ema = state.step + 1, state.ema, bool(trees.leaves(state.ema))
+    step, ema, has_ema = state.step + 1, state.ema, len(trees.leaves(state.ema)) > 0
     if has_ema:
         ema = moving_average.update(ema, params, state.ema_decay, step, ema_debias, inplace=donated)
     if inplace and not donated:

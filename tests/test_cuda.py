@@ -64,7 +64,9 @@ def test_donated_eager_step_takes_torchs_cuda_fused_adamw_and_equals_torch_optim
         F.cross_entropy(module(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX).backward()
         torch_opt.step()
         state, _ = step(state, (x, y))
-    assert relative_error(state.params, dict(module.named_parameters())) < DEVICE_TOL
+    # 20 steps of Adam grow the model's float noise (DEVICE_TOL) heavy-tailed, as compiled against eager
+    # does: 1.8e-5 seen on an H200; weight decay left out is 1.5e-3.
+    assert relative_error(state.params, dict(module.named_parameters())) < COMPILED_VS_EAGER_ADAM
     assert relative_error(state.params, params) > 1e-3  # training moved the parameters
 
 

@@ -186,7 +186,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, amsgrad=False) -> GradientTransfor
         d = foreach("add_", foreach("mul_", root, _as(scale, g)), _as(floor, g))
         d = foreach("mul_", foreach("reciprocal_", d), mu)
         new = functools.partial(trees.rebuild, grads)
-        return new(d), state._replace(count=count, mu=new(mu), nu=new(nu), nu_max=new(nu_max) if amsgrad else ())
+        return new(d), trees.replace(state, count=count, mu=new(mu), nu=new(nu), nu_max=new(nu_max) if amsgrad else ())
 
     return GradientTransformation(init, update)
 
@@ -212,7 +212,7 @@ def trace(momentum=0.9, dampening=0.0, nesterov=False) -> GradientTransformation
                       _as(damp, g))
         updates = foreach("add_", foreach("mul", buf, _as(state.momentum, g)), g) if nesterov else buf
         new = functools.partial(trees.rebuild, grads)
-        return new(updates), state._replace(count=state.count + 1, trace=new(buf))
+        return new(updates), trees.replace(state, count=state.count + 1, trace=new(buf))
 
     return GradientTransformation(init, update)
 
@@ -263,7 +263,7 @@ class ScaleByLearningRateState(NamedTuple):
     count: Tensor
     lr: Tensor
     weight_decay: Tensor | tuple  # () without decoupled decay
-    warmup_steps: Tensor | tuple = ()  # 0-D int64 length of the linear warm-up, or () when built without one
+    warmup_steps: Tensor | tuple  # 0-D int64 length of the linear warm-up, or () when built without one
 
 
 def _scheduled_lr(state: ScaleByLearningRateState, schedule: Schedule | None) -> Tensor:
@@ -303,7 +303,7 @@ def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_d
             updates = foreach("addcmul_", decay, g, _as(-lr_t, g))
         else:
             updates = foreach("mul", g, _as(-lr_t, g))
-        return trees.rebuild(grads, updates), state._replace(count=state.count + 1)
+        return trees.rebuild(grads, updates), trees.replace(state, count=state.count + 1)
 
     return GradientTransformation(init, update)
 
@@ -414,7 +414,7 @@ def _fused_adam(decoupled: bool, amsgrad: bool, schedule: Schedule | None):
         _fused_adam_op(leaves(params), leaves(grads), leaves(moments.mu), leaves(moments.nu), leaves(moments.nu_max),
                        count, _scheduled_lr(rate, schedule), moments.b1, moments.b2, decay, moments.eps, grad_scale,
                        decoupled, amsgrad)
-        return (*l2, moments._replace(count=count), rate._replace(count=rate.count + 1))
+        return (*l2, trees.replace(moments, count=count), trees.replace(rate, count=rate.count + 1))
 
     return fused_step
 

@@ -171,7 +171,7 @@ def apply_gradients(state: TrainState, grads: Params, loss_sum: Tensor, tokens: 
     if small is not None:
         mean_norm = metrics["grad_norm"].double() / (1 if reduction == "mean" else count.double())
         metrics["gns_g2"], metrics["gns_trace"] = noise.moments(small, mean_norm.square(), count)
-    return state._replace(params=params, opt_state=opt_state, step=step, ema=ema), metrics
+    return trees.replace(state, params=params, opt_state=opt_state, step=step, ema=ema), metrics
 
 
 def step_key(state: TrainState) -> Tensor:

@@ -87,6 +87,13 @@ def _replace(tree, each):
     return optree.tree_unflatten(optree.tree_structure(tree), [_next(each) for _ in optree.tree_leaves(tree)])
 
 
+def replace(named: tuple, **changes) -> tuple:
+    """named._replace(**changes), written as a call of its class: torch 2.11's dynamo cannot return a named
+    tuple that _replace made from one created in the same graph, and every compiled step's state is (the
+    compiled function rebuilds its input trees, see compiling._lowering_scalars)."""
+    return type(named)(**{**named._asdict(), **changes})
+
+
 def stack_trees(trees: list[Any]) -> Any:
     """One tree whose leaves are the input trees' leaves stacked on a new dimension 0."""
     return optree.tree_map(lambda *leaves: torch.stack(leaves), *trees)

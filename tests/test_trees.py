@@ -50,6 +50,21 @@ def test_leaves_and_rebuild_are_optrees_eager_and_compiled():
             mismatched(tree)
 
 
+def test_replace_equals_namedtuple_replace_eager_and_on_a_tuple_made_in_the_graph():
+    state = init_state({"w": torch.randn(3)}, optim.sgd(lr=0.1))
+
+    def bump(s):
+        rebuilt = trees.rebuild(s, trees.leaves(s))  # made in the graph, as compiled steps' states are
+        return trees.replace(rebuilt, step=rebuilt.step + 1)
+
+    for fn in (bump, torch.compile(bump, backend="eager", fullgraph=True)):
+        out = fn(state)
+        assert type(out) is type(state) and out._fields == state._fields
+        expected = state._replace(step=state.step + 1)
+        assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(out), optree.tree_leaves(expected),
+                                                      strict=True))
+
+
 # A member alone is differentiated by torch.autograd (eager, outermost: see step._grad_and_value) and the
 # vmapped ensemble by functorch; compiled, inductor also sums in another order. Either way the gradients
 # differ at float level, and Adam's first steps are about lr * sign(g), so near-zero gradients whose sign

@@ -2,8 +2,8 @@
 (Triton), bfloat16 autocast, dropout's hashed masks, KV-cached decoding, a compiled sweep, and the CLI's
 train, resume, eval and generate. Skipped where no CUDA GPU is present (CI); run on a GPU machine with
 `pytest tests/test_cuda.py` (or benchmarks/gpu.sh). Data parallel needs two GPUs (NCCL refuses two ranks on
-one) and is not here. On an H200 with torch 2.11 all but the compiled train steps passed; those need torch
-2.13, whose dynamo compiles them (benchmarks/RESULTS.md, "On a GPU")."""
+one) and is not here. On an H200 with torch 2.11 all but the compiled train steps passed; those failed in
+dynamo, fixed since (trees.replace) but not yet rerun on a GPU (benchmarks/RESULTS.md, "On a GPU")."""
 
 import pytest
 import torch

@@ -8,7 +8,7 @@
 #
 # Logs and each config's RESULTS section go to $OUT (one file per config, so a run cut short keeps the
 # configs it finished). Wheels in .whl/ (packages the machine lacks) are installed first, without
-# network, into /tmp/site.
+# network, into /tmp/site: the CUDA image seen so far (torch 2.11) lacked optree and mistral-common.
 set -u
 out=${OUT:-gpu-out}
 tests_s=${1:-150}

@@ -5,6 +5,7 @@ from typing import NamedTuple
 import torch
 from torch._dynamo.utils import counters
 
+from minifn import trees
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.rng import dropout, fold_in
 
@@ -16,7 +17,7 @@ class Hyper(NamedTuple):
 
 def update(params: dict, hyper: Hyper, scale: torch.Tensor):
     new = {k: p - hyper.lr * scale * p for k, p in params.items()}
-    return new, hyper._replace(count=hyper.count + 1)
+    return new, trees.replace(hyper, count=hyper.count + 1)
 
 
 def test_float64_scalars_compile_in_one_pass_and_stay_data(tmp_path, monkeypatch):

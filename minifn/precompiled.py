@@ -264,6 +264,13 @@ def _record_each_source_once() -> None:
     source_info.add_code = memoized
 
 
+@functools.cache
+def available() -> bool:
+    """Whether this torch has AOT precompile (torch 2.13 does; 2.11 has neither it nor portable guards)."""
+    return (hasattr(torch.compiler, "keep_portable_guards_unsafe")
+            and hasattr(torch.compile(lambda: None), "aot_compile"))
+
+
 def saved_compile(fn: Callable, directory: Path, options: dict | None = None) -> Callable | None:
     """fn compiled (fullgraph, static shapes, with inductor options as torch.compile's) and saved under
     directory, one file per input signature; None where fn cannot be named (compile it the ordinary way),
@@ -274,13 +281,10 @@ def saved_compile(fn: Callable, directory: Path, options: dict | None = None) ->
         name = fingerprint((fn, options))
     except Unnameable:
         return None
-    portable = getattr(torch.compiler, "keep_portable_guards_unsafe", None)
-    if portable is None:  # a torch before AOT precompile
+    if not available():
         return None
     compiler = torch.compile(fn, fullgraph=True, dynamic=False,
-                             options={**(options or {}), "guard_filter_fn": portable})
-    if not hasattr(compiler, "aot_compile"):
-        return None
+                             options={**(options or {}), "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
     _record_each_source_once()
     entries, ordinary = [], []
 

@@ -20,7 +20,8 @@ from minifn.compiling import maybe_compile
 from minifn.config import ModelConfig
 from minifn.precompiled import fingerprint, saved_compile, stats
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not precompiled.available(), reason="this torch has no AOT precompile (2.13 has)")]
 TINY = dict(vocab_size=61, embed_dim=32, num_layers=2, num_heads=4, head_dim=12, ff_dim=48, max_seq_len=16)
 
 

@@ -264,9 +264,9 @@ def _record_each_source_once() -> None:
     source_info.add_code = memoized
 
 
-@functools.cache
 def available() -> bool:
-    """Whether this torch has AOT precompile (torch 2.13 does; 2.11 has neither it nor portable guards)."""
+    """Whether torch.compile offers AOT precompile (torch 2.13 does; 2.11 has neither it nor portable guards).
+    Asked anew each time: a test may replace torch.compile."""
     return (hasattr(torch.compiler, "keep_portable_guards_unsafe")
             and hasattr(torch.compile(lambda: None), "aot_compile"))
 

@@ -7,8 +7,8 @@
 # 55 s with four workers, and large's float32 torch.compile(module) a 24-31 s cold compile).
 #
 # Logs and each config's RESULTS section go to $OUT (one file per config, so a run cut short keeps the
-# configs it finished). Wheels in .whl/ (packages the machine lacks) are installed first, without
-# network, into /tmp/site: the CUDA image seen so far (torch 2.11) lacked optree and mistral-common.
+# configs it finished). Wheels in .whl/ (packages the machine's Python lacks, e.g. optree and
+# mistral-common) are installed first, without network, into a temporary folder.
 set -u
 out=${OUT:-gpu-out}
 tests_s=${1:-150}
@@ -17,9 +17,9 @@ configs=${3:-large,bench,seed}
 variants=${4:-a,a_fused,b,c,d,a_bf16,b_bf16,d_bf16}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+  export PYTHONPATH=$site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 log=$out/tests.log

@@ -263,7 +263,7 @@ class ScaleByLearningRateState(NamedTuple):
     count: Tensor
     lr: Tensor
     weight_decay: Tensor | tuple  # () without decoupled decay
-    warmup_steps: Tensor | tuple  # 0-D int64 length of the linear warm-up, or () when built without one
+    warmup_steps: Tensor | tuple = ()  # 0-D int64 length of the linear warm-up, or () when built without one
 
 
 def _scheduled_lr(state: ScaleByLearningRateState, schedule: Schedule | None) -> Tensor:

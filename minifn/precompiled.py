@@ -275,13 +275,11 @@ def saved_compile(fn: Callable, directory: Path, options: dict | None = None) ->
     """fn compiled (fullgraph, static shapes, with inductor options as torch.compile's) and saved under
     directory, one file per input signature; None where fn cannot be named (compile it the ordinary way),
     this torch has no AOT precompile, or inductor's caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1)."""
-    if torch._inductor.config.force_disable_caches:
+    if torch._inductor.config.force_disable_caches or not available():
         return None
     try:
         name = fingerprint((fn, options))
     except Unnameable:
-        return None
-    if not available():
         return None
     compiler = torch.compile(fn, fullgraph=True, dynamic=False,
                              options={**(options or {}), "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})

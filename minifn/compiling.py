@@ -101,12 +101,19 @@ def maybe_compile(fn: Callable, mode: str, device: torch.device | str, options: 
         return fn
     if reason:
         raise CompileError(f"--compile on is impossible here: {reason}")
+    from minifn import cpp_build  # imports inductor, which only a compiled step needs
+
     lowered = _lowering_scalars(fn)
-    inner = (saved_compile(lowered, Path(inductor_cache_dir()) / "minifn-steps", options)
-             or torch.compile(lowered, fullgraph=True, dynamic=False, options=options))
+    prebuild = cpp_build.prebuild if torch.device(device).type == "cpu" else None
+    inner = saved_compile(lowered, Path(inductor_cache_dir()) / "minifn-steps", options, before_compile=prebuild)
+    if inner is None:
+        inner = torch.compile(lowered, fullgraph=True, dynamic=False, options=options)
+        if prebuild:  # whether inductor's cache has this step is known only inside the call: start it anyway
+            prebuild()
 
     def compiled(*args, **kwargs):
-        return inner(*_lift_scalars((args, kwargs)))
+        with cpp_build.batched():
+            return inner(*_lift_scalars((args, kwargs)))
 
     active, first = [compiled], [True]
 

@@ -271,10 +271,13 @@ def available() -> bool:
             and hasattr(torch.compile(lambda: None), "aot_compile"))
 
 
-def saved_compile(fn: Callable, directory: Path, options: dict | None = None) -> Callable | None:
+def saved_compile(fn: Callable, directory: Path, options: dict | None = None,
+                  before_compile: Callable[[], None] | None = None) -> Callable | None:
     """fn compiled (fullgraph, static shapes, with inductor options as torch.compile's) and saved under
     directory, one file per input signature; None where fn cannot be named (compile it the ordinary way),
-    this torch has no AOT precompile, or inductor's caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1)."""
+    this torch has no AOT precompile, or inductor's caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1).
+    before_compile is called before each trace (not when a saved function is loaded)."""
+    before_compile = before_compile or (lambda: None)
     if torch._inductor.config.force_disable_caches or not available():
         return None
     try:
@@ -292,6 +295,7 @@ def saved_compile(fn: Callable, directory: Path, options: dict | None = None) ->
         if compiled is not None and compiled.guard_check(*args):
             stats["loaded"] += 1
         else:
+            before_compile()
             compiled = compiler.aot_compile((args, {}))
             stats["compiled"] += 1
             try:
@@ -312,6 +316,7 @@ def saved_compile(fn: Callable, directory: Path, options: dict | None = None) ->
                 entries.append(entry_for(args))
             except Exception:  # noqa: BLE001 - AOT precompile is experimental: where it fails, compile as usual
                 stats["ordinary"] += 1
+                before_compile()
                 ordinary.append(torch.compile(fn, fullgraph=True, dynamic=False, options=options))
             else:  # outside the try: an error in the step itself must not run it a second time
                 return entries[-1](*args)

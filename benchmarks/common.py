@@ -183,10 +183,15 @@ def machine() -> str:
 
 
 def cache_env(folder: str) -> dict[str, str]:
-    """The environment a child process compiles in: inductor's cache in folder (empty for a cold compile),
-    or, in a smoke run (MINIFN_BENCH_SMOKE=1, the test suite's tiny runs, whose numbers nobody reads), the
-    cache this process inherited, so that the suite compiles each graph once however many scripts build it."""
-    return {} if os.environ.get("MINIFN_BENCH_SMOKE") else {"TORCHINDUCTOR_CACHE_DIR": folder}
+    """The environment a child process compiles in: inductor's cache and its temporary folder in folder (empty
+    for a cold compile, as on a new machine: inductor keeps the precompiled header of its kernels in the
+    temporary folder, outside its cache, and builds it once per machine), or, in a smoke run
+    (MINIFN_BENCH_SMOKE=1, the test suite's tiny runs, whose numbers nobody reads), the cache this process
+    inherited, so that the suite compiles each graph once however many scripts build it."""
+    if os.environ.get("MINIFN_BENCH_SMOKE"):
+        return {}
+    os.makedirs(os.path.join(folder, "tmp"), exist_ok=True)
+    return {"TORCHINDUCTOR_CACHE_DIR": folder, "TMPDIR": os.path.join(folder, "tmp")}
 
 
 def run_script(script, args: list[str], cache: str | None = None, cwd=None, env: dict | None = None) -> dict:

@@ -20,8 +20,11 @@ from minifn import ModelConfig, init_params, optim
 from minifn.reference import ReferenceTransformer
 from minifn.step import init_state, make_train_step
 
-# The tutorial's shape (untied head, as the original "Mini" had), a wider one, and a GPU-sized one.
+# The tutorial's command as `minifn train` runs it (tied head, biases), the tutorial's shape with the untied head
+# the original "Mini" had, a wider one, and a GPU-sized one.
 CONFIGS = {
+    "tutorial": (ModelConfig(vocab_size=32000, embed_dim=256, num_layers=4, num_heads=8, head_dim=16, ff_dim=768,
+                             max_seq_len=128, bias=True, tie_embeddings=True), 2),
     "seed": (ModelConfig(vocab_size=32000, embed_dim=256, num_layers=4, num_heads=8, head_dim=32, ff_dim=1024,
                          max_seq_len=128, tie_embeddings=False), 2),
     "bench": (ModelConfig(vocab_size=8192, embed_dim=512, num_layers=8, num_heads=8, head_dim=64, ff_dim=2048,

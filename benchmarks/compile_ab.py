@@ -3,9 +3,10 @@
     python benchmarks/compile_ab.py --base cbe6448 [--configs seed,bench] [--rounds 2]
 
 Each round compiles minifn's compiled step (variant d) once at --base (checked out into a temporary git
-worktree) and once at the working tree, each in a fresh process with an empty inductor cache, so the two
-see the same machine noise. Reports the first step (compile included) and dynamo's share of it (tracing),
-as each commit's own benchmarks/profile_step.py measures them (compile_split).
+worktree) and once at the working tree, each in a fresh process with an empty inductor cache and no
+precompiled header (common.cache_env: a new machine), so the two see the same machine noise. Reports the
+first step (compile included) and dynamo's share of it (tracing), as each commit's own
+benchmarks/profile_step.py measures them (compile_split).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main():
     lines = ["## Cold compile, before and after a change (compiled step, variant d)", "", f"Machine: {machine()}", "",
              f"Command: `python benchmarks/compile_ab.py {' '.join(sys.argv[1:])}` (base {base_sha}, "
              f"new: the working tree at {head_sha}); rounds alternate base and new, each in a fresh process and "
-             "an empty inductor cache.", "",
+             "an empty inductor cache (and no precompiled header: a new machine).", "",
              "| config | base first step s | new first step s | new / base | base tracing s | new tracing s |",
              "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:

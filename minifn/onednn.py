@@ -1,23 +1,34 @@
-"""Linear layers whose forward product and input gradient run in oneDNN on x86 CPUs in float32, where MKL is slow.
+"""Linear layers whose forward product and input gradient run in oneDNN or MKL, whichever this machine runs
+faster at each shape.
 
-aten sends every float32 product on an x86 CPU to MKL. On the AMD EPYC machines measured here, MKL runs
-products with a short inner dimension (the embedding width) at 55-70% of its own peak, and oneDNN, which
-PyTorch also ships, runs them up to 1.9x faster: the head's x W^T (256 x 256 x 32000 at the seed shape) most of
-all (benchmarks/gemm_backends.py). `linear` computes the forward product y = x W^T and the input's gradient
-dx = dy W there (the same kernel, with W^T as the weight: a view, never copied). The weight's gradient
-stays in aten: oneDNN computes it fast only transposed, and the copy back costs what it saves. Everywhere else
-(GPU, other dtypes, autocast, under vmap) it is F.linear, and so it is with oneDNN switched off:
-`torch.backends.mkldnn.flags(enabled=False)` around the first call of a step (its trace).
+aten sends every float32 product on an x86 CPU to MKL; PyTorch also ships oneDNN, and which of the two is
+faster depends on the shape and on the machine: on one AMD EPYC, oneDNN ran the head's x W^T (256 x 256 x
+32000 at the seed shape) 1.5x faster than MKL; on another, MKL led on most of the model's products and
+oneDNN's route made the bench step 7% slower (benchmarks/gemm_backends.py). So `linear` computes the
+forward product y = x W^T and the input's gradient dx = dy W (the same op, with W^T as the weight: a view,
+never copied) in a custom op that times both libraries at a shape's first call and keeps the faster
+(`faster_in_onednn`). The choice is remembered in this process and in a file in inductor's cache folder, so
+that a run and its resumption compute the same numbers; MINIFN_LINEAR=onednn or =aten fixes it instead.
+The weight's gradient stays in aten: oneDNN computes it fast only transposed, and the copy back costs what
+it saves. Everywhere else (GPU, other dtypes, autocast, under vmap) it is F.linear, and so it is with oneDNN
+switched off: `torch.backends.mkldnn.flags(enabled=False)` around the first call of a step (its trace).
 
-Mechanics: the oneDNN call is a custom op (opaque to dynamo, with a fake kernel for tracing), wrapped in an
-autograd.Function whose backward computes dx by the same Function and dW by aten. torch.func.grad and
-torch.compile both keep that backward: tests/test_onednn.py checks the whole model's gradients, eager and
-compiled, against F.linear's.
+Mechanics: the product is a custom op (opaque to dynamo, with a fake kernel for tracing; compiled code
+calls it, so the choice is made at run time alike), wrapped in an autograd.Function whose backward computes
+dx by the same Function and dW by aten. torch.func.grad and torch.compile both keep that backward:
+tests/test_onednn.py checks the whole model's gradients, eager and compiled, against F.linear's.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import tempfile
+import time
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,23 +45,113 @@ def _kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-@torch.library.custom_op("minifn::onednn_linear", mutates_args=(), device_types="cpu")
-def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x @ weight^T + bias by oneDNN; no autograd of its own (see _Linear)."""
-    return _kernel(x.contiguous(), weight, bias)  # any weight layout: oneDNN reads its strides
+ROUTES = ("tuned", "onednn", "aten")
 
 
-@onednn_linear.register_fake
+class RouteSettingError(ValueError):
+    """MINIFN_LINEAR names no route."""
+
+
+def route_setting() -> str:
+    """MINIFN_LINEAR: 'tuned' (the default: measured per shape), 'onednn' or 'aten' (fixed)."""
+    route = os.environ.get("MINIFN_LINEAR", "tuned")
+    if route not in ROUTES:
+        raise RouteSettingError(f"MINIFN_LINEAR={route!r} is not a route: choose one of {', '.join(ROUTES)}")
+    return route
+
+
+_TUNING_SECONDS = 0.5  # per product, past its second timing of each library
+_chosen: dict[str, bool] = {}  # route key -> whether oneDNN is faster; read from the file at first use
+_loaded = [False]
+
+
+def _route_file() -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # honours TORCHINDUCTOR_CACHE_DIR
+
+    return Path(cache_dir()) / "minifn-linear-routes.json"
+
+
+def _read_routes() -> dict[str, bool]:
+    try:
+        return {k: bool(v) for k, v in json.loads(_route_file().read_text()).items()}
+    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: measure again
+        return {}
+
+
+def _remember(key: str, faster: bool) -> None:
+    """Add a choice to the file (read again first: another process may have added its own), atomically."""
+    _chosen[key] = faster
+    path = _route_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump({**_read_routes(), key: faster}, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache: this process still keeps its choice
+        pass
+
+
+def _best_seconds(calls: dict[str, Callable[[], Tensor]]) -> dict[str, float]:
+    """Each call's fastest time, timed in turn (so both see the same moment of a shared machine): at least
+    two rounds, three where they take under _TUNING_SECONDS."""
+    best = dict.fromkeys(calls, float("inf"))
+    start = time.perf_counter()
+    for round_ in range(3):
+        if round_ == 2 and time.perf_counter() - start > _TUNING_SECONDS:
+            break
+        for name, call in calls.items():
+            t = time.perf_counter()
+            call()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+@cache
+def _machine() -> str:
+    """The CPU's model name (the choice is the machine's), or its architecture where Linux does not say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def faster_in_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether oneDNN computes x @ weight^T + bias faster than aten does here, per MINIFN_LINEAR: 'tuned'
+    (the default) measures it at the first call for each shape, weight layout and thread count."""
+    route = route_setting()
+    if route != "tuned":
+        return route == "onednn"
+    key = (f"{torch.__version__} {_machine()} threads={torch.get_num_threads()} "
+           f"x={list(x.shape)} w={list(weight.shape)}/{list(weight.stride())} bias={bias is not None}")
+    if not _loaded[0]:
+        _chosen.update(_read_routes())
+        _loaded[0] = True
+    if key not in _chosen:
+        seconds = _best_seconds({"onednn": lambda: _kernel(x, weight, bias), "aten": lambda: F.linear(x, weight, bias)})
+        _remember(key, seconds["onednn"] < seconds["aten"])
+    return _chosen[key]
+
+
+@torch.library.custom_op("minifn::linear", mutates_args=(), device_types="cpu")
+def linear_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight^T + bias by oneDNN or aten, whichever is faster here; no autograd of its own (see _Linear)."""
+    x = x.contiguous()
+    return _kernel(x, weight, bias) if faster_in_onednn(x, weight, bias) else F.linear(x, weight, bias)
+
+
+@linear_product.register_fake
 def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 class _Linear(torch.autograd.Function):
-    """F.linear's function and gradients, with y = x W^T and dx = dy W in oneDNN and dW in aten."""
+    """F.linear's function and gradients, with y = x W^T and dx = dy W by linear_product and dW in aten."""
 
     @staticmethod
     def forward(x, weight, bias):
-        return onednn_linear(x, weight, bias)
+        return linear_product(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from minifn import checkpoint, optim, schedules
+from minifn import checkpoint, onednn, optim, schedules
 from minifn.checkpoint import CheckpointError
 from minifn.config import Config, ConfigError, ModelConfig, OptimConfig
 from minifn.loop import DataSpec, fit
@@ -329,6 +329,7 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
             distributed.broadcast_((state.params, state.ema))  # every rank starts from rank 0's parameters
             all_reduce = distributed.all_reduce_sum_
         loss_fn = loss_fn or loss_from_config(rc.criterion, rc.label_smoothing)
+        onednn.route_setting()  # a mistyped MINIFN_LINEAR is the user's error before any compile, not inside it
         # The loop never looks back at an old state, so each step may overwrite it: one copy of the trees.
         step = make_train_step(config.model, su.optimizer, loss_fn, reduction=rc.reduction,
                                autocast_dtype=su.autocast_dtype, dropout_rate=rc.dropout, log_gns=rc.log_gns,

@@ -14,6 +14,10 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
+# One linear route everywhere (minifn.onednn): timed per shape, the choice could differ between two test
+# processes whose numbers a test compares. tests/test_onednn.py tests the timed route itself.
+os.environ.setdefault("MINIFN_LINEAR", "onednn")
+
 import optree
 import pytest
 import torch

@@ -1,12 +1,18 @@
 """minifn.onednn: linear layers whose forward product runs in oneDNN compute F.linear's values and gradients,
-eager and compiled, and take that route exactly where it holds."""
+eager and compiled, and take that route exactly where it holds; the timed route takes the library its
+measurement found faster, remembers it across processes, and is chosen at run time in compiled code too.
+(conftest fixes MINIFN_LINEAR=onednn; the tests of the timed route set it back.)"""
+
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 
-from conftest import relative_error, tiny_config
+from conftest import TINY_FLAGS, relative_error, story_file, tiny_config
 from minifn import onednn
+from minifn.cli import cli
 from minifn.losses import cross_entropy
 from minifn.model import apply, init_params
 
@@ -28,6 +34,34 @@ def onednn_calls(monkeypatch):
 
     monkeypatch.setattr(onednn, "_kernel", counted)
     return calls
+
+
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """The timed route, with a route file of its own and nothing remembered yet (as a new process)."""
+    monkeypatch.setenv("MINIFN_LINEAR", "tuned")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(onednn, "_chosen", {})
+    monkeypatch.setattr(onednn, "_loaded", [False])
+    return tmp_path
+
+
+def new_process(monkeypatch):
+    """Forget this process's choices, as a new process would start."""
+    monkeypatch.setattr(onednn, "_chosen", {})
+    monkeypatch.setattr(onednn, "_loaded", [False])
+
+
+def timer_saying(monkeypatch, faster: str):
+    """Replace the measurement by one that finds `faster` faster, and count the measurements."""
+    measured = []
+
+    def fake(calls):
+        measured.append(sorted(calls))
+        return {name: 1.0 if name == faster else 2.0 for name in calls}
+
+    monkeypatch.setattr(onednn, "_best_seconds", fake)
+    return measured
 
 
 def summed_loss(params, tokens, targets):
@@ -76,9 +110,72 @@ def test_compiled_gradients_equal_f_linears(monkeypatch, onednn_calls):
     other constructions), and every gradient come out (skipping by ctx.needs_input_grad zeroed the weights')."""
     params = init_params(CONFIG, seed=int(torch.randint(0, 1000, ())))
     tokens, targets = random_batch()
-    got = torch.compile(torch.func.grad(summed_loss), fullgraph=True)(params, tokens, targets)
+    grads = torch.compile(torch.func.grad(summed_loss), fullgraph=True)
+    got = grads(params, tokens, targets)
     assert len(onednn_calls) == 2 * (4 * CONFIG.num_layers + 1)  # the compiled code ran oneDNN's kernel
-    assert_each_leaf_close(got, f_linear_grads(monkeypatch, params, tokens, targets))
+    want = f_linear_grads(monkeypatch, params, tokens, targets)
+    assert_each_leaf_close(got, want)
+    # the route is chosen when the product runs, not when it is traced: the same compiled code takes aten
+    onednn_calls.clear()
+    monkeypatch.setenv("MINIFN_LINEAR", "aten")
+    assert_each_leaf_close(grads(params, tokens, targets), want)
+    assert not onednn_calls
+
+
+def test_the_timed_route_takes_the_faster_library_and_remembers_it(monkeypatch, tuned, onednn_calls):
+    params = init_params(CONFIG, seed=int(torch.randint(0, 1000, ())))
+    tokens, targets = random_batch()
+    want = f_linear_grads(monkeypatch, params, tokens, targets)
+    measured = timer_saying(monkeypatch, "aten")
+    assert_each_leaf_close(torch.func.grad(summed_loss)(params, tokens, targets), want)
+    assert not onednn_calls  # aten was measured faster for every product
+    # one measurement per distinct product (shape and weight layout), each of both libraries
+    routes = json.loads((tuned / "minifn-linear-routes.json").read_text())
+    assert len(measured) == len(routes) and all(m == ["aten", "onednn"] for m in measured)
+    assert len(routes) >= 5 and not any(routes.values())
+    torch.func.grad(summed_loss)(params, tokens, targets)
+    assert len(measured) == len(routes)  # remembered in this process: no second measurement
+
+    new_process(monkeypatch)
+    timer_saying(monkeypatch, "onednn")  # would say otherwise, but the file is read first
+    torch.func.grad(summed_loss)(params, tokens, targets)
+    assert not onednn_calls
+
+    new_process(monkeypatch)
+    (tuned / "minifn-linear-routes.json").unlink()
+    measured = timer_saying(monkeypatch, "onednn")
+    assert_each_leaf_close(torch.func.grad(summed_loss)(params, tokens, targets), want)
+    assert len(onednn_calls) == 2 * (4 * CONFIG.num_layers + 1) and len(measured) == len(routes)
+
+
+def test_the_measurement_times_both_libraries_once_per_product(monkeypatch, tuned):
+    calls = []
+    best_seconds = onednn._best_seconds
+
+    def recorded(fns):
+        seconds = best_seconds(fns)
+        calls.append(seconds)
+        return seconds
+
+    monkeypatch.setattr(onednn, "_best_seconds", recorded)
+    x, weight = torch.randn(64, 96), torch.randn(128, 96)
+    first = onednn.faster_in_onednn(x, weight, None)
+    assert onednn.faster_in_onednn(x, weight, None) == first and len(calls) == 1
+    assert set(calls[0]) == {"onednn", "aten"} and all(0 < s < 1 for s in calls[0].values())
+    assert first == (calls[0]["onednn"] < calls[0]["aten"])
+    onednn.faster_in_onednn(x, weight.T.contiguous().T, None)  # another layout: measured on its own
+    assert len(calls) == 2
+
+
+def test_a_mistyped_route_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINIFN_LINEAR", "mkl")
+    with pytest.raises(onednn.RouteSettingError, match="choose one of tuned, onednn, aten"):
+        onednn.faster_in_onednn(torch.randn(2, 3), torch.randn(4, 3), None)
+    result = CliRunner().invoke(cli, ["train", "--dataset", str(story_file(tmp_path, 300)), "--model",
+                                      str(tmp_path / "m.pt"), *TINY_FLAGS, "--num-epochs", "1"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: MINIFN_LINEAR='mkl' is not a route: choose one of tuned, onednn, aten"
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_routes_only_where_the_function_holds():

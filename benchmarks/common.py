@@ -44,6 +44,8 @@ VARIANTS = {
     "d": "minifn train_step, compiled, state donated",
     # d as it was before minifn.onednn: every product in aten's MKL (oneDNN switched off while it traces and runs)
     "d_mkl": "minifn train_step, compiled, state donated, oneDNN off",
+    # d with every forward product and input gradient in oneDNN, as before the route was timed per shape
+    "d_onednn": "minifn train_step, compiled, state donated, MINIFN_LINEAR=onednn",
     # The same under bfloat16 autocast (minifn train's --dtype auto where the hardware has bfloat16):
     # float32 parameters and optimizer, bfloat16 matmuls.
     "a_bf16": "eager nn.Module + AdamW(fused=True), bfloat16 autocast",
@@ -51,7 +53,7 @@ VARIANTS = {
     "c_bf16": "minifn train_step, eager, state donated, bfloat16 autocast",
     "d_bf16": "minifn train_step, compiled, state donated, bfloat16 autocast",
 }
-COMPILED = ("b", "d", "d_mkl", "b_bf16", "d_bf16")
+COMPILED = ("b", "d", "d_mkl", "d_onednn", "b_bf16", "d_bf16")
 
 
 def bench_device() -> torch.device:
@@ -70,6 +72,21 @@ def batch_for(config: ModelConfig, batch_size: int):
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, config.vocab_size, (batch_size, config.max_seq_len + 1), generator=g)
     return tokens[:, :-1].contiguous().to(bench_device()), tokens[:, 1:].contiguous().to(bench_device())
+
+
+@contextlib.contextmanager
+def linear_route(route: str | None):
+    """MINIFN_LINEAR set to route (None: as it was) while a step runs: minifn.onednn reads it per product."""
+    before = os.environ.get("MINIFN_LINEAR")
+    if route is not None:
+        os.environ["MINIFN_LINEAR"] = route
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MINIFN_LINEAR", None)
+        else:
+            os.environ["MINIFN_LINEAR"] = before
 
 
 def build(variant: str, config: ModelConfig, batch_size: int):
@@ -95,12 +112,13 @@ def build(variant: str, config: ModelConfig, batch_size: int):
 
         return step
     tx = optim.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
-    train_step = make_train_step(config, tx, compile="on" if kind in ("d", "d_mkl") else "off",
+    train_step = make_train_step(config, tx, compile="on" if kind in ("d", "d_mkl", "d_onednn") else "off",
                                  inplace=kind != "c_pure", autocast_dtype=autocast_dtype, device=device)
     holder = [init_state(params, tx)]
 
     def step():
-        with torch.backends.mkldnn.flags(enabled=False) if kind == "d_mkl" else contextlib.nullcontext():
+        with torch.backends.mkldnn.flags(enabled=False) if kind == "d_mkl" else contextlib.nullcontext(), \
+                linear_route("onednn" if kind == "d_onednn" else None):
             holder[0], _ = train_step(holder[0], (x, y))
 
     return step

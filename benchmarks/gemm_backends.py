@@ -1,15 +1,17 @@
 """The model's float32 matrix products through MKL (what aten's mm, and so every train step, calls on x86
-CPUs) against oneDNN, the other library in torch's CPU build, shape by shape.
+CPUs) in two layouts, and through oneDNN, the other library in torch's CPU build, shape by shape.
 
     python benchmarks/gemm_backends.py                  # seed and bench shapes, writes RESULTS.md
     python benchmarks/gemm_backends.py --configs tiny --rounds 2 --output /tmp/r.md   # a quick check
 
 Each linear layer of a config costs three products per step: the forward y = x W^T, and the backward
-dx = dy W and dW = (x^T dy)^T, in the layouts autograd gives aten. oneDNN is reached through
-torch.ops.mkldnn._linear_pointwise, which takes plain tensors; it computes the same products in float32
-(it is not reduced precision). Both run round-robin in one process, and each time is the median over
---rounds. The question it answers: how much of a step is left on the table by the BLAS library alone,
-which a train step built on torch's ops cannot choose.
+dx = dy W and dW = dy^T x, in the layouts autograd gives aten (the MKL column). MKL can compute each
+product's transpose instead and hand back a transposed view (the "MKL, C^T" column: (W x^T)^T,
+(W^T dy^T)^T, (x^T dy)^T), which some shapes run faster; oneDNN is reached through
+torch.ops.mkldnn._linear_pointwise, which takes plain tensors, and computes the same products in
+float32 (it is not reduced precision). All three run round-robin in one process, and each time is the
+median over --rounds. The question it answers: how much of a step is left on the table by the BLAS
+library and layout alone, which a train step built on torch's ops cannot choose.
 """
 
 from __future__ import annotations
@@ -43,24 +45,28 @@ def linear_shapes(config, batch_size: int) -> list[tuple[str, int, int, int, int
             ("head", 1, tokens, c.embed_dim, c.vocab_size)]
 
 
+BACKENDS = ("mkl", "mkl_t", "onednn")
+
+
 def products(m: int, k: int, n: int) -> dict[str, tuple]:
-    """The three products of one linear layer: name -> (MKL call, oneDNN call)."""
+    """The three products of one linear layer: name -> (MKL, MKL computing the transpose, oneDNN) calls."""
     g = torch.Generator().manual_seed(0)
     x, w, dy = (torch.randn(shape, generator=g) for shape in ((m, k), (n, k), (m, n)))
-    return {"forward x W^T": (lambda: x @ w.T, lambda: onednn(x, w)),
-            "dx = dy W": (lambda: dy @ w, lambda: onednn(dy, w.T)),
-            "dW = (x^T dy)^T": (lambda: x.T @ dy, lambda: onednn(x.T, dy.T))}
+    return {"forward x W^T": (lambda: x @ w.T, lambda: (w @ x.T).T, lambda: onednn(x, w)),
+            "dx = dy W": (lambda: dy @ w, lambda: (w.T @ dy.T).T, lambda: onednn(dy, w.T)),
+            "dW = dy^T x": (lambda: dy.T @ x, lambda: (x.T @ dy).T, lambda: onednn(x.T, dy.T).T)}
 
 
 def measure(config_name: str, rounds: int) -> list[dict]:
     config, batch_size = CONFIGS[config_name]
     rows = []
     for layer, count, m, k, n in linear_shapes(config, batch_size):
-        for name, (mkl, dnn) in products(m, k, n).items():
-            torch.testing.assert_close(dnn(), mkl(), rtol=1e-4, atol=1e-3)  # the same product, to rounding
-            times = {"mkl": [], "onednn": []}
+        for name, calls in products(m, k, n).items():
+            for other in calls[1:]:  # the same product, to rounding
+                torch.testing.assert_close(other(), calls[0](), rtol=1e-4, atol=1e-3)
+            times = {backend: [] for backend in BACKENDS}
             for _ in range(rounds):
-                for backend, fn in (("mkl", mkl), ("onednn", dnn)):
+                for backend, fn in zip(BACKENDS, calls):
                     start = time.perf_counter()
                     fn()
                     times[backend].append(time.perf_counter() - start)
@@ -70,24 +76,33 @@ def measure(config_name: str, rounds: int) -> list[dict]:
     return rows
 
 
+# minifn.onednn's route: forward products and input gradients in oneDNN, weight gradients in aten (MKL)
+ROUTE = {"forward x W^T": "onednn", "dx = dy W": "onednn", "dW = dy^T x": "mkl"}
+
+
 def report(sections: dict[str, list[dict]], command: str) -> str:
     lines = [f"## Matrix products: MKL against oneDNN ({vector_level()})", "", f"Machine: {machine()}", "",
              f"Command: `{command}`", "",
-             "Float32, one process, the two libraries in turn; median ms per product. Shape is tokens x in x out.",
-             "'Step total' weighs each product by how often a step runs it (once per layer).", ""]
+             "Float32, one process, the three in turn; median ms per product. Shape is tokens x in x out. "
+             "MKL C^T: MKL computing the product's transpose, returned as a transposed view. "
+             "'Step total' weighs each product by how often a step runs it (once per layer); minifn's route "
+             "is oneDNN for forward products and input gradients, MKL for weight gradients.", ""]
     for name, rows in sections.items():
-        lines += [f"### {name}", "", "| layer | shape | product | MKL ms | oneDNN ms | MKL GFLOP/s | oneDNN GFLOP/s |"
-                  " oneDNN speed-up |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {name}", "", "| layer | shape | product | MKL ms | MKL C^T ms | oneDNN ms | MKL GFLOP/s | "
+                  "fastest GFLOP/s | fastest |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
+            fastest = min(BACKENDS, key=lambda b: r[b])
             lines.append(f"| {r['layer']} | {r['shape']} | {r['product']} | {r['mkl'] * 1e3:.2f} | "
-                         f"{r['onednn'] * 1e3:.2f} | {r['flops'] / r['mkl'] / 1e9:.0f} | "
-                         f"{r['flops'] / r['onednn'] / 1e9:.0f} | {r['mkl'] / r['onednn']:.2f}x |")
+                         f"{r['mkl_t'] * 1e3:.2f} | {r['onednn'] * 1e3:.2f} | {r['flops'] / r['mkl'] / 1e9:.0f} | "
+                         f"{r['flops'] / r[fastest] / 1e9:.0f} | {fastest} |")
         for label, chosen in (("forward products only", [r for r in rows if r["product"].startswith("forward")]),
                               ("all products", rows)):
             mkl = sum(r["count"] * r["mkl"] for r in chosen)
-            best = sum(r["count"] * min(r["mkl"], r["onednn"]) for r in chosen)
-            lines.append(f"\nStep total, {label}: MKL {mkl * 1e3:.1f} ms; the faster library for each product "
-                         f"{best * 1e3:.1f} ms ({mkl / best:.2f}x).")
+            route = sum(r["count"] * r[ROUTE[r["product"]]] for r in chosen)
+            best = sum(r["count"] * min(r[b] for b in BACKENDS) for r in chosen)
+            lines.append(f"\nStep total, {label}: MKL {mkl * 1e3:.1f} ms; minifn's route {route * 1e3:.1f} ms "
+                         f"({mkl / route:.2f}x); the fastest of the three for each product {best * 1e3:.1f} ms "
+                         f"({mkl / best:.2f}x).")
         lines.append("")
     return "\n".join(lines)
 

@@ -61,6 +61,9 @@ def route_setting() -> str:
 
 
 _TUNING_SECONDS = 0.5  # per product, past its second timing of each library
+# Products of fewer multiply-adds (a decoding step's, a toy model's) take aten unmeasured: microseconds either
+# way, and each new shape would cost a measurement and a write of the file.
+MIN_TIMED_MACS = 1 << 23
 _chosen: dict[str, bool] = {}  # route key -> whether oneDNN is faster; read from the file at first use
 _loaded = [False]
 
@@ -119,10 +122,13 @@ def _machine() -> str:
 
 def faster_in_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether oneDNN computes x @ weight^T + bias faster than aten does here, per MINIFN_LINEAR: 'tuned'
-    (the default) measures it at the first call for each shape, weight layout and thread count."""
+    (the default) measures it at the first call for each shape, weight layout and thread count, for products
+    of at least MIN_TIMED_MACS multiply-adds (smaller ones take aten)."""
     route = route_setting()
     if route != "tuned":
         return route == "onednn"
+    if x.numel() * weight.shape[0] < MIN_TIMED_MACS:
+        return False
     key = (f"{torch.__version__} {_machine()} threads={torch.get_num_threads()} "
            f"x={list(x.shape)} w={list(weight.shape)}/{list(weight.stride())} bias={bias is not None}")
     if not _loaded[0]:

@@ -43,6 +43,7 @@ def tuned(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(onednn, "_chosen", {})
     monkeypatch.setattr(onednn, "_loaded", [False])
+    monkeypatch.setattr(onednn, "MIN_TIMED_MACS", 0)  # the tiny model's products are timed too
     return tmp_path
 
 
@@ -165,6 +166,16 @@ def test_the_measurement_times_both_libraries_once_per_product(monkeypatch, tune
     assert first == (calls[0]["onednn"] < calls[0]["aten"])
     onednn.faster_in_onednn(x, weight.T.contiguous().T, None)  # another layout: measured on its own
     assert len(calls) == 2
+
+
+def test_small_products_take_aten_unmeasured(monkeypatch, tuned, onednn_calls):
+    monkeypatch.setattr(onednn, "MIN_TIMED_MACS", 64 * 96 * 128)
+    measured = timer_saying(monkeypatch, "onednn")
+    x, weight = torch.randn(64, 96), torch.randn(127, 96)  # one output short of the threshold
+    torch.testing.assert_close(onednn.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert not measured and not onednn_calls and not (tuned / "minifn-linear-routes.json").exists()
+    onednn.linear(x, torch.randn(128, 96))
+    assert len(measured) == 1 and len(onednn_calls) == 1
 
 
 def test_a_mistyped_route_is_a_one_line_error(monkeypatch, tmp_path):

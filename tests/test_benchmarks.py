@@ -34,6 +34,8 @@ SCRIPTS = [
 def test_benchmark_script_runs_and_writes_its_section(tmp_path, script, args, heading):
     if script == "tutorial.py":
         shared_file("mini-owl.md")  # skips when the shared data folder is absent
+    if script in ("data.py", "corpus_training.py"):
+        shared_file("tinyshakespeare.txt")  # their corpus is tinyshakespeare repeated
     if script == "gemm_backends.py" and not torch.backends.mkldnn.is_available():
         pytest.skip("this torch was built without oneDNN")
     out = tmp_path / "RESULTS.md"

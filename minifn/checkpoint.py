@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from minifn.config import REFUSE, SECTIONS, Config, ConfigError, ModelConfig
+from minifn.files import fsync_dir
 
 FORMAT = "minifn-checkpoint-2"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's container
@@ -188,15 +189,6 @@ def _temporaries(path: Path) -> list[Path]:
     """The temporary files save_together writes beside path (.NAME.PID.tmp), from any process."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.\d+\.tmp")
     return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)] if path.parent.is_dir() else []
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries to disk, so a rename into it survives a crash."""
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> int:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from minifn import checkpoint
 from minifn.config import ModelConfig
+from minifn.files import fsync_dir
 from minifn.hf_tokenizer import HFError, check_convertible, read_sentencepiece, tokenizer_files
 from minifn.model import Params, skeleton
 from minifn.tokenizer import MISTRAL, Tokenizer, load_tokenizer, mistral_model_path, sha256_file
@@ -222,7 +223,7 @@ def write_directory(output: str | os.PathLike, files: dict[str, dict | Path | Ca
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    checkpoint.fsync_dir(output.parent)
+    fsync_dir(output.parent)
     return output
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from functools import cache
@@ -35,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._C._functorch import TransformType, peek_interpreter_stack
 from torch._functorch.pyfunctorch import coerce_cinterpreter
+
+from minifn.files import write_atomically
 
 AVAILABLE = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
              and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
@@ -64,8 +65,6 @@ _TUNING_SECONDS = 0.5  # per product, past its second timing of each library
 # Products of fewer multiply-adds (a decoding step's, a toy model's) take aten unmeasured: microseconds either
 # way, and each new shape would cost a measurement and a write of the file.
 MIN_TIMED_MACS = 1 << 23
-_chosen: dict[str, bool] = {}  # route key -> whether oneDNN is faster; read from the file at first use
-_loaded = [False]
 
 
 def _route_file() -> Path:
@@ -81,16 +80,18 @@ def _read_routes() -> dict[str, bool]:
         return {}
 
 
+@cache
+def _choices() -> dict[str, bool]:
+    """This process's choices (route key -> whether oneDNN is faster): the file's at first use, then each
+    new measurement's."""
+    return _read_routes()
+
+
 def _remember(key: str, faster: bool) -> None:
-    """Add a choice to the file (read again first: another process may have added its own), atomically."""
-    _chosen[key] = faster
-    path = _route_file()
+    """Keep a choice, and add it to the file (read again first: another process may have added its own)."""
+    _choices()[key] = faster
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump({**_read_routes(), key: faster}, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)
+        write_atomically(_route_file(), json.dumps({**_read_routes(), key: faster}, indent=0, sort_keys=True).encode())
     except OSError:  # a read-only cache: this process still keeps its choice
         pass
 
@@ -131,13 +132,10 @@ def faster_in_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         return False
     key = (f"{torch.__version__} {_machine()} threads={torch.get_num_threads()} "
            f"x={list(x.shape)} w={list(weight.shape)}/{list(weight.stride())} bias={bias is not None}")
-    if not _loaded[0]:
-        _chosen.update(_read_routes())
-        _loaded[0] = True
-    if key not in _chosen:
+    if key not in _choices():
         seconds = _best_seconds({"onednn": lambda: _kernel(x, weight, bias), "aten": lambda: F.linear(x, weight, bias)})
         _remember(key, seconds["onednn"] < seconds["aten"])
-    return _chosen[key]
+    return _choices()[key]
 
 
 @torch.library.custom_op("minifn::linear", mutates_args=(), device_types="cpu")

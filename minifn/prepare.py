@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-from minifn.checkpoint import fsync_dir
 from minifn.corpus import (
     FORMAT,
     MANIFEST,
@@ -50,6 +49,7 @@ from minifn.corpus import (
     shard_name,
     token_dtype,
 )
+from minifn.files import fsync_dir
 from minifn.sources import PIECE_BYTES, Piece, expand_inputs, file_format, read_pieces
 from minifn.tokenizer import Tokenizer, sha256_file
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import sentencepiece as spm
 
+from minifn.files import write_atomically
+
 if TYPE_CHECKING:
     from minifn.corpus import Corpus, TokenSequence
 
@@ -230,19 +232,6 @@ def training_sentences(files: list[Path], text_field: str = "text"):
                     yield from _sentence_parts(line)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _training_failure(error: RuntimeError, model_type: str, vocab_size: int | None) -> TokenizerError:
     message = str(error).strip().splitlines()
     reason = message[-1].split("] ")[-1].strip() if message else ""  # drop sentencepiece's source location
@@ -296,5 +285,5 @@ def train_tokenizer(inputs, vocab_size: int | None, output: str | os.PathLike, m
         if not seen[0]:
             raise TokenizerError(f"the inputs ({', '.join(map(str, files[:3]))}) hold no text to learn from") from None
         raise _training_failure(e, model_type, vocab_size) from None
-    _write_atomically(output, model.getvalue())
+    write_atomically(output, model.getvalue())
     return output

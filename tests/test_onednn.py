@@ -41,16 +41,15 @@ def tuned(monkeypatch, tmp_path):
     """The timed route, with a route file of its own and nothing remembered yet (as a new process)."""
     monkeypatch.setenv("MINIFN_LINEAR", "tuned")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(onednn, "_chosen", {})
-    monkeypatch.setattr(onednn, "_loaded", [False])
     monkeypatch.setattr(onednn, "MIN_TIMED_MACS", 0)  # the tiny model's products are timed too
-    return tmp_path
+    new_process()
+    yield tmp_path
+    new_process()  # later tests must not see this file's choices
 
 
-def new_process(monkeypatch):
+def new_process():
     """Forget this process's choices, as a new process would start."""
-    monkeypatch.setattr(onednn, "_chosen", {})
-    monkeypatch.setattr(onednn, "_loaded", [False])
+    onednn._choices.cache_clear()
 
 
 def timer_saying(monkeypatch, faster: str):
@@ -137,12 +136,12 @@ def test_the_timed_route_takes_the_faster_library_and_remembers_it(monkeypatch, 
     torch.func.grad(summed_loss)(params, tokens, targets)
     assert len(measured) == len(routes)  # remembered in this process: no second measurement
 
-    new_process(monkeypatch)
+    new_process()
     timer_saying(monkeypatch, "onednn")  # would say otherwise, but the file is read first
     torch.func.grad(summed_loss)(params, tokens, targets)
     assert not onednn_calls
 
-    new_process(monkeypatch)
+    new_process()
     (tuned / "minifn-linear-routes.json").unlink()
     measured = timer_saying(monkeypatch, "onednn")
     assert_each_leaf_close(torch.func.grad(summed_loss)(params, tokens, targets), want)

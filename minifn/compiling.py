@@ -83,7 +83,9 @@ def _lowering_scalars(fn: Callable) -> Callable:
 
     def lowered(tree, lifted: tuple[int, ...]):
         leaves = trees.leaves(tree)
-        args, kwargs = trees.rebuild(tree, [x.view(()) if i in lifted else x for i, x in enumerate(leaves)])
+        for i in lifted:  # a loop over the few lifted leaves, not a test per leaf (dynamo interprets each)
+            leaves[i] = leaves[i].view(())
+        args, kwargs = trees.rebuild(tree, leaves)
         return fn(*args, **kwargs)
 
     return lowered

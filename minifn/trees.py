@@ -33,58 +33,95 @@ def rebuild(tree: Any, new_leaves: list) -> Any:
     """tree's structure with new_leaves in place of leaves(tree), in that order (optree.tree_unflatten)."""
     if not torch.compiler.is_compiling():
         return optree.tree_unflatten(optree.tree_structure(tree), new_leaves)
-    each = iter(new_leaves)
-    rebuilt = _replace(tree, each)
-    if next(each, _END) is not _END:
-        raise ValueError(f"{len(new_leaves)} leaves for a tree of {len(leaves(tree))}")
+    rebuilt, used = _replace(tree, list(new_leaves), 0)
+    if used != len(new_leaves):
+        raise ValueError(f"{len(new_leaves)} leaves for a tree of {used}")
     return rebuilt
 
 
-_END = object()  # what the leaves' iterator returns once exhausted
+# Compiled, dynamo interprets every bytecode of these walks (and a call is a frame of its own), so a node whose
+# children are all tensors (a parameter dict, a list of moments) is taken whole, by slices and zips, rather
+# than leaf by leaf: about a third of the bytecodes dynamo ran for a train step were these walks.
 
 
-def _is_str_dict(tree) -> bool:
-    """A plain dict with string keys, whose order optree sorts (other keys it may not sort: left to it)."""
-    return type(tree) is dict and all(isinstance(key, str) for key in tree)
+def _key_order(keys: tuple) -> tuple[list, list] | None:
+    """(a dict's keys sorted as optree orders them, each key's position in that order) if all keys are strings;
+    None for other keys (left to optree). Compiled, dynamo calls it and takes the result as a constant (see
+    below), instead of interpreting a test and a sort per key."""
+    if not all(isinstance(key, str) for key in keys):
+        return None
+    order = sorted(keys)
+    position = {key: i for i, key in enumerate(order)}
+    return order, [position[key] for key in keys]
 
 
-def _is_namedtuple(tree) -> bool:
-    return isinstance(tree, tuple) and hasattr(tree, "_fields")
+# torch._dynamo.assume_constant_result(_key_order), without importing dynamo (1.5 s) where nothing compiles;
+# tests/test_trees.py checks that the decorator still marks functions so.
+_key_order._dynamo_marked_constant = True
+
+
+def _children(tree) -> list | None:
+    """The children of a dict with string keys, tuple, list or named tuple, in optree's order; else None."""
+    if type(tree) is dict:
+        order = _key_order(tuple(tree))
+        return None if order is None else [tree[key] for key in order[0]]
+    if type(tree) in (tuple, list) or (isinstance(tree, tuple) and hasattr(tree, "_fields")):
+        return list(tree)
+    return None
+
+
+def _all_tensors(children: list) -> bool:
+    return False not in [isinstance(child, torch.Tensor) for child in children]
 
 
 def _collect(tree, found: list) -> None:
     if isinstance(tree, torch.Tensor):
         found.append(tree)
-    elif _is_str_dict(tree):
-        for key in sorted(tree):
-            _collect(tree[key], found)
-    elif type(tree) in (tuple, list) or _is_namedtuple(tree):
-        for child in tree:
+        return
+    children = _children(tree)
+    if children is None:
+        if tree is not None:
+            found.extend(optree.tree_leaves(tree))
+    elif _all_tensors(children):
+        found.extend(children)
+    else:
+        for child in children:
             _collect(child, found)
-    elif tree is not None:
-        found.extend(optree.tree_leaves(tree))
 
 
-def _next(each):
-    leaf = next(each, _END)
-    if leaf is _END:
-        raise ValueError("fewer leaves than the tree has")
-    return leaf
-
-
-def _replace(tree, each):
+def _replace(tree, new_leaves: list, at: int):
+    """(tree rebuilt from new_leaves[at:], the index after the leaves it took)."""
     if isinstance(tree, torch.Tensor):
-        return _next(each)
-    if _is_str_dict(tree):
-        new = {key: _replace(tree[key], each) for key in sorted(tree)}
-        return {key: new[key] for key in tree}  # the tree's own key order, as optree keeps it
-    if _is_namedtuple(tree):
-        return type(tree)(*[_replace(child, each) for child in tree])
+        count = 1
+    else:
+        children = _children(tree)
+        if children is None:
+            count = 0 if tree is None else len(optree.tree_leaves(tree))
+        elif _all_tensors(children):
+            count = len(children)
+        else:
+            new = []
+            for child in children:
+                rebuilt, at = _replace(child, new_leaves, at)
+                new.append(rebuilt)
+            return _like(tree, new), at
+    if at + count > len(new_leaves):
+        raise ValueError("fewer leaves than the tree has")
+    taken = new_leaves[at:at + count]
+    if isinstance(tree, torch.Tensor):
+        return taken[0], at + 1
+    if children is None:
+        return (None if tree is None else optree.tree_unflatten(optree.tree_structure(tree), taken)), at + count
+    return _like(tree, taken), at + count
+
+
+def _like(tree, children: list):
+    """A node of tree's kind with these children (in optree's order)."""
+    if type(tree) is dict:  # in the tree's own key order, as optree keeps it
+        return {key: children[i] for key, i in zip(tree, _key_order(tuple(tree))[1])}
     if type(tree) in (tuple, list):
-        return type(tree)([_replace(child, each) for child in tree])
-    if tree is None:
-        return None
-    return optree.tree_unflatten(optree.tree_structure(tree), [_next(each) for _ in optree.tree_leaves(tree)])
+        return type(tree)(children)
+    return type(tree)(*children)  # a named tuple
 
 
 def replace(named: tuple, **changes) -> tuple:

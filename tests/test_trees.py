@@ -96,3 +96,20 @@ def test_vmapped_ensemble_equals_each_member_trained_alone(compiled, tx):
         groups = [([a], [b]) for a, b in floats] if compiled else [tuple(zip(*floats))]  # AdamW: as one vector
         for a, b in groups:
             assert relative_error(a, b) < (1e-5 if compiled else 3e-5)
+
+
+def test_the_key_order_is_marked_as_dynamo_marks_a_constant_result():
+    """trees marks _key_order as torch._dynamo.assume_constant_result would (without importing dynamo): a torch
+    that marks another way would trace it per key again, correct but slow."""
+    marked = torch._dynamo.assume_constant_result(lambda: None)
+    assert set(vars(marked)) == {"_dynamo_marked_constant"}
+    assert trees._key_order._dynamo_marked_constant is marked._dynamo_marked_constant
+
+
+def test_importing_minifn_does_not_import_dynamo():
+    import subprocess
+    import sys
+
+    code = "import sys, minifn; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

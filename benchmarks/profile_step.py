@@ -1,9 +1,12 @@
 """Where the compiled step spends its time, and where its compile time goes.
 
     python benchmarks/profile_step.py [--configs seed,bench]
+    python benchmarks/profile_step.py --configs tutorial --keep-freed-memory   # the allocator minifn train sets
 
 Per-step time of minifn's compiled step (variant d) by category, from torch.profiler, and the
-compile-time split (dynamo tracing, AOTAutograd, inductor) with a cold and a warm inductor cache.
+compile-time split (dynamo tracing, AOTAutograd, inductor) with a cold and a warm inductor cache. With glibc's
+default malloc (as plain PyTorch runs), a kernel that writes a fresh large buffer also pays its page faults;
+--keep-freed-memory profiles with minifn.allocator's setting, as `minifn train` runs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ sys.path.insert(0, str(HERE))
 os.environ["MINIFN_BENCH_DEVICE"] = "cpu"  # a CPU benchmark: its categories are CPU kernels
 
 from common import CONFIGS, build, machine, matmul_peak_flops, run_script, step_flops, write_section  # noqa: E402
+
+from minifn.allocator import keep_freed_memory  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm", "_linear_pointwise")),  # MKL; oneDNN
@@ -42,15 +47,17 @@ def profile(config_name: str, steps: int = 3) -> dict:
     for _ in range(3):
         step()
     start = time.perf_counter()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             step()
     wall = (time.perf_counter() - start) / steps
     totals: dict[str, float] = {}
-    for event in prof.key_averages():
+    for event in prof.key_averages(group_by_input_shape=True):
         if event.key.startswith("## Call") or "Compiled Region" in event.key:
             continue
         category = next((c for c, keys in CATEGORIES if any(k in event.key for k in keys)), "everything else")
+        if category == "matrix multiplies" and any(config.vocab_size in shape for shape in event.input_shapes):
+            category = "matrix multiplies: the head"  # the V-way output layer's products
         totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total / 1e6 / steps
     return {"wall_s": wall, "totals": totals, "flops": step_flops(config, batch_size),
             "peak": matmul_peak_flops()}
@@ -84,20 +91,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="seed,bench")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="keep freed memory in the process (minifn.allocator), as minifn train does")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, name = args.child
+        if args.keep_freed_memory and not keep_freed_memory():
+            sys.exit("--keep-freed-memory: glibc's malloc settings cannot be changed in this process")
         print(json.dumps(profile(name) if kind == "profile" else compile_split(name)))
         return
-    lines = ["## Where the time goes (compiled step, variant d)", "", f"Machine: {machine()}", "",
+    malloc = "freed memory kept (minifn.allocator)" if args.keep_freed_memory else "glibc's default malloc"
+    lines = [f"## Where the time goes (compiled step, variant d, {malloc})", "", f"Machine: {machine()}", "",
              f"Command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`", ""]
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as cache:
             cold = run_script(__file__, ["--child", "compile", name], cache)  # the cache starts empty
             warm = run_script(__file__, ["--child", "compile", name], cache)
-            prof = run_script(__file__, ["--child", "profile", name], cache)
-        matmul = prof["totals"].get("matrix multiplies", 0.0)
+            kept = ["--keep-freed-memory"] if args.keep_freed_memory else []
+            prof = run_script(__file__, ["--child", "profile", name, *kept], cache)
+        matmul = sum(seconds for category, seconds in prof["totals"].items() if category.startswith("matrix"))
         lines += [f"### {name}", "",
                   f"Step {prof['wall_s'] * 1e3:.0f} ms under the profiler; matmuls run at "
                   f"{prof['flops'] / max(matmul, 1e-9) / 1e9:.0f} GFLOP/s of model FLOPs "
@@ -113,7 +126,7 @@ def main():
                          f"{c['inductor_s']:.1f} |")
         lines.append("")
     text = "\n".join(lines)
-    write_section(args.output, "profile", text)
+    write_section(args.output, "profile-kept" if args.keep_freed_memory else "profile", text)
     print(text)
 
 

@@ -7,8 +7,9 @@ faster depends on the shape and on the machine: on one AMD EPYC, oneDNN ran the 
 oneDNN's route made the bench step 7% slower (benchmarks/gemm_backends.py). So `linear` computes the
 forward product y = x W^T and the input's gradient dx = dy W (the same op, with W^T as the weight: a view,
 never copied) in a custom op that times both libraries at a shape's first call and keeps the faster
-(`faster_in_onednn`). The choice is remembered in this process and in a file in inductor's cache folder, so
-that a run and its resumption compute the same numbers; MINIFN_LINEAR=onednn or =aten fixes it instead.
+(`faster_in_onednn`; that call returns the faster one's last timed result). The choice is remembered in this
+process and in a file in inductor's cache folder, so that a run and its resumption compute the same
+numbers; MINIFN_LINEAR=onednn or =aten fixes it instead.
 The weight's gradient stays in aten: oneDNN computes it fast only transposed, and the copy back costs what
 it saves. Everywhere else (GPU, other dtypes, autocast, under vmap) it is F.linear, and so it is with oneDNN
 switched off: `torch.backends.mkldnn.flags(enabled=False)` around the first call of a step (its trace).
@@ -96,7 +97,7 @@ def _remember(key: str, faster: bool) -> None:
         pass
 
 
-def _best_seconds(calls: dict[str, Callable[[], Tensor]]) -> dict[str, float]:
+def _best_seconds(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
     """Each call's fastest time, timed in turn (so both see the same moment of a shared machine): at least
     two rounds, three where they take under _TUNING_SECONDS."""
     best = dict.fromkeys(calls, float("inf"))
@@ -125,24 +126,40 @@ def faster_in_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether oneDNN computes x @ weight^T + bias faster than aten does here, per MINIFN_LINEAR: 'tuned'
     (the default) measures it at the first call for each shape, weight layout and thread count, for products
     of at least MIN_TIMED_MACS multiply-adds (smaller ones take aten)."""
+    return _route(x, weight, bias)[0]
+
+
+def _route(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, Tensor | None]:
+    """(faster_in_onednn, and the product itself where measuring just computed it with the faster library)."""
     route = route_setting()
     if route != "tuned":
-        return route == "onednn"
+        return route == "onednn", None
     if x.numel() * weight.shape[0] < MIN_TIMED_MACS:
-        return False
+        return False, None
     key = (f"{torch.__version__} {_machine()} threads={torch.get_num_threads()} "
            f"x={list(x.shape)} w={list(weight.shape)}/{list(weight.stride())} bias={bias is not None}")
-    if key not in _choices():
-        seconds = _best_seconds({"onednn": lambda: _kernel(x, weight, bias), "aten": lambda: F.linear(x, weight, bias)})
-        _remember(key, seconds["onednn"] < seconds["aten"])
-    return _choices()[key]
+    if key in _choices():
+        return _choices()[key], None
+    last = {}  # each library's latest result: the faster one's is this call's product
+
+    def timed(name, product):
+        return lambda: last.__setitem__(name, product())
+
+    seconds = _best_seconds({"onednn": timed("onednn", lambda: _kernel(x, weight, bias)),
+                             "aten": timed("aten", lambda: F.linear(x, weight, bias))})
+    faster = seconds["onednn"] < seconds["aten"]
+    _remember(key, faster)
+    return faster, last.get("onednn" if faster else "aten")
 
 
 @torch.library.custom_op("minifn::linear", mutates_args=(), device_types="cpu")
 def linear_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x @ weight^T + bias by oneDNN or aten, whichever is faster here; no autograd of its own (see _Linear)."""
     x = x.contiguous()
-    return _kernel(x, weight, bias) if faster_in_onednn(x, weight, bias) else F.linear(x, weight, bias)
+    in_onednn, product = _route(x, weight, bias)
+    if product is not None:  # a shape's first call: its measurement computed it already
+        return product
+    return _kernel(x, weight, bias) if in_onednn else F.linear(x, weight, bias)
 
 
 @linear_product.register_fake

@@ -4,6 +4,7 @@ measurement found faster, remembers it across processes, and is chosen at run ti
 (conftest fixes MINIFN_LINEAR=onednn; the tests of the timed route set it back.)"""
 
 import json
+import types
 
 import pytest
 import torch
@@ -238,3 +239,18 @@ def test_compiled_grad_of_a_function_of_its_own_weight_and_input(argnums):
     want = torch.func.grad(loss(F.linear), argnums)(weight, x)
     for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want)), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_shapes_first_call_returns_its_measurements_result(monkeypatch, tuned, onednn_calls):
+    """The measurement computes the product with both libraries; the call returns the faster one's last result
+    rather than computing it a further time, and a second call computes it once."""
+    aten_calls = []
+    monkeypatch.setattr(onednn, "F", types.SimpleNamespace(linear=lambda *a: aten_calls.append(1) or F.linear(*a)))
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1000, ())))
+    x, weight, bias = torch.randn(64, 96, generator=g), torch.randn(128, 96, generator=g), torch.randn(128, generator=g)
+    out = onednn.linear_product(x, weight, bias)
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    rounds = len(onednn_calls)
+    assert rounds in (2, 3) and len(aten_calls) == rounds  # the timed rounds, and nothing more
+    onednn.linear_product(x, weight, bias)
+    assert len(onednn_calls) + len(aten_calls) == 2 * rounds + 1

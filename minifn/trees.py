@@ -89,30 +89,29 @@ def _collect(tree, found: list) -> None:
             _collect(child, found)
 
 
+def _taken(new_leaves: list, at: int, count: int) -> list:
+    if at + count > len(new_leaves):
+        raise ValueError("fewer leaves than the tree has")
+    return new_leaves[at:at + count]
+
+
 def _replace(tree, new_leaves: list, at: int):
     """(tree rebuilt from new_leaves[at:], the index after the leaves it took)."""
     if isinstance(tree, torch.Tensor):
-        count = 1
-    else:
-        children = _children(tree)
-        if children is None:
-            count = 0 if tree is None else len(optree.tree_leaves(tree))
-        elif _all_tensors(children):
-            count = len(children)
-        else:
-            new = []
-            for child in children:
-                rebuilt, at = _replace(child, new_leaves, at)
-                new.append(rebuilt)
-            return _like(tree, new), at
-    if at + count > len(new_leaves):
-        raise ValueError("fewer leaves than the tree has")
-    taken = new_leaves[at:at + count]
-    if isinstance(tree, torch.Tensor):
-        return taken[0], at + 1
+        return _taken(new_leaves, at, 1)[0], at + 1
+    children = _children(tree)
     if children is None:
-        return (None if tree is None else optree.tree_unflatten(optree.tree_structure(tree), taken)), at + count
-    return _like(tree, taken), at + count
+        if tree is None:
+            return None, at
+        count = len(optree.tree_leaves(tree))
+        return optree.tree_unflatten(optree.tree_structure(tree), _taken(new_leaves, at, count)), at + count
+    if _all_tensors(children):
+        return _like(tree, _taken(new_leaves, at, len(children))), at + len(children)
+    new = []
+    for child in children:
+        rebuilt, at = _replace(child, new_leaves, at)
+        new.append(rebuilt)
+    return _like(tree, new), at
 
 
 def _like(tree, children: list):

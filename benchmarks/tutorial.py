@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import cache_env, machine, write_section  # noqa: E402
+from common import cache_env, machine, vector_level, write_section  # noqa: E402
 
 MINI_OWL = HERE.parent.parent / "shared" / "data" / "mini-owl.md"
 DTYPES = ("auto", "float32")
@@ -104,7 +104,7 @@ def main():
             f"Command: `{command.strip()}`", ""]
     if args.base:
         text = "\n".join(head) + "\n" + against_base(flags, args.base, args.rounds)
-        write_section(args.output, f"tutorial-{args.base}", text)
+        write_section(args.output, f"tutorial-{args.base}-{vector_level()}", text)
         print(text)
         return
     modes = args.compile.split(",")

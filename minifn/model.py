@@ -59,6 +59,19 @@ def apply_rotary(x_BHTK: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BHTK.dtype)
 
 
+def causal_attention(q_BHTK: Tensor, k_BHTK: Tensor, v_BHTK: Tensor) -> Tensor:
+    """Causal scaled dot-product attention. Under a CPU autocast it runs in float32 and returns float32 (the
+    next product casts it as autocast says): torch's CPU flash kernel took 3-4x as long in bfloat16 as in
+    float32 at the tutorial's and seed's shapes, and as long at bench's (benchmarks/attention.py), and its
+    float32 scores are the more exact. On a GPU, autocast's choice stands."""
+    if q_BHTK.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, is_causal=True)
+    # An autocast region in the graph already keeps AOTAutograd's cache from this step; a nested one costs
+    # nothing more. Under sdpa_kernel(MATH) (sweeps, second derivatives) this is the math kernel, in float32.
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q_BHTK.float(), k_BHTK.float(), v_BHTK.float(), is_causal=True)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose product runs in oneDNN where that is faster than aten's MKL (see minifn.onednn)."""
 
@@ -90,7 +103,7 @@ class Attention(nn.Module):
         q, k, v = self.split_heads(self.qkv(x_BTD))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = causal_attention(q, k, v)
         else:  # write this chunk into the cache (out of place) and attend to every position written so far
             k = kv[0].index_copy(2, positions, k.to(kv[0].dtype))
             v = kv[1].index_copy(2, positions, v.to(kv[1].dtype))

@@ -25,6 +25,7 @@ SCRIPTS = [
     ("compile_ab.py", ["--base", "HEAD", "--configs", "tiny", "--rounds", "1"], "## Cold compile, before and after"),
     ("gemm_backends.py", ["--configs", "tiny", "--rounds", "2"], "## Matrix products: MKL against oneDNN ("),
     ("loss_forms.py", ["--configs", "tiny", "--rounds", "2"], "## Cross-entropy: F.cross_entropy against logsumexp"),
+    ("attention.py", ["--configs", "tiny", "--rounds", "2"], "## Attention under a CPU bfloat16 autocast"),
     ("paired.py", ["--config", "tiny", "--variants", "a,d", "--rounds", "3"], "## Paired steps: tiny, (d) against (a)"),
 ]
 

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from conftest import tiny_config
 from minifn.config import ConfigError, ModelConfig
-from minifn.model import apply, init_params, num_params, rotary_angles
+from minifn.model import apply, causal_attention, init_params, num_params, rotary_angles
 from minifn.reference import ReferenceTransformer
 from minifn.rng import dropout, fold_in
 
@@ -41,6 +42,28 @@ def test_matches_reference_module(overrides):
     module = ReferenceTransformer(config)
     module.load_state_dict(params)  # same names: the tree is also a state_dict
     torch.testing.assert_close(module(tokens), reference)
+
+
+def test_attention_under_a_cpu_autocast_computes_in_float32():
+    """Under a CPU bfloat16 autocast, attention on bfloat16 q, k, v is float32 SDPA on them (float32's error
+    against float64), where autocast alone would run SDPA in bfloat16; outside autocast it is SDPA itself."""
+    seed = int(torch.randint(0, 2**31, ()))
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 4, 64, 16, generator=generator).bfloat16().requires_grad_() for _ in range(3))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+
+    def error(y):
+        return ((y.double() - exact).norm() / exact.norm()).item()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = causal_attention(q, k, v)
+        autocasts = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert ours.dtype == torch.float32 and autocasts.dtype == torch.bfloat16, seed
+    assert error(ours) < 1e-6 and error(autocasts) > 1e-3, (seed, error(ours), error(autocasts))
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    assert all(g.dtype == torch.bfloat16 and g.isfinite().all() for g in grads)
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    assert torch.equal(causal_attention(q32, k32, v32), F.scaled_dot_product_attention(q32, k32, v32, is_causal=True))
 
 
 def test_a_tree_that_does_not_fit_the_config_is_refused_by_name(tiny):

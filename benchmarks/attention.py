@@ -71,8 +71,9 @@ def measure(config_name: str, rounds: int) -> tuple[tuple[int, ...], list[dict]]
 def report(sections: dict, rounds: int, command: str) -> str:
     old, new = FORMS
     lines = ["## Attention under a CPU bfloat16 autocast", "", f"Machine: {machine()}", "", f"Command: `{command}`",
-             "", f"One layer's causal attention, forward and backward, on bfloat16 q, k, v laid out as the model's; the four in turn in one "
-             f"process, median ms of {rounds} rounds. Speed-up: {old}'s time over {new}'s, same mode.", "",
+             "", "One layer's causal attention, forward and backward, on bfloat16 q, k, v laid out as the model's; the "
+             f"four in turn in one process, median ms of {rounds} rounds. Speed-up: {old}'s time over {new}'s, "
+             "same mode.", "",
              f"| config | shape B, H, T, K | mode | {old} ms | {new} ms | speed-up |", "|---|---|---|---|---|---|"]
     for name, (shape, rows) in sections.items():
         for mode in ("eager", "compiled"):

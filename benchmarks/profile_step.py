@@ -2,8 +2,9 @@
 
     python benchmarks/profile_step.py [--configs seed,bench]
     python benchmarks/profile_step.py --configs tutorial --keep-freed-memory   # the allocator minifn train sets
+    python benchmarks/profile_step.py --configs tutorial --variant d_bf16      # under bfloat16 autocast
 
-Per-step time of minifn's compiled step (variant d) by category, from torch.profiler, and the
+Per-step time of minifn's compiled step (variant d, or --variant d_bf16) by category, from torch.profiler, and the
 compile-time split (dynamo tracing, AOTAutograd, inductor) with a cold and a warm inductor cache. With glibc's
 default malloc (as plain PyTorch runs), a kernel that writes a fresh large buffer also pays its page faults;
 --keep-freed-memory profiles with minifn.allocator's setting, as `minifn train` runs.
@@ -23,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ["MINIFN_BENCH_DEVICE"] = "cpu"  # a CPU benchmark: its categories are CPU kernels
 
-from common import CONFIGS, build, machine, matmul_peak_flops, run_script, step_flops, write_section  # noqa: E402
+from common import CONFIGS, build, machine, matmul_peak_flops, run_script, step_flops, vector_level, write_section  # noqa: E402
 
 from minifn.allocator import keep_freed_memory  # noqa: E402
 
@@ -36,14 +37,14 @@ CATEGORIES = [  # first match wins
 ]
 
 
-def profile(config_name: str, steps: int = 3) -> dict:
+def profile(config_name: str, variant: str = "d", steps: int = 3) -> dict:
     import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     inductor_config.cpp.enable_kernel_profile = True  # one profiler row per generated kernel
     config, batch_size = CONFIGS[config_name]
-    step = build("d", config, batch_size)
+    step = build(variant, config, batch_size)
     for _ in range(3):
         step()
     start = time.perf_counter()
@@ -91,25 +92,28 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="seed,bench")
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--variant", default="d", choices=("d", "d_bf16"), help="minifn's compiled step [d]")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="keep freed memory in the process (minifn.allocator), as minifn train does")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, name = args.child
+        kind, name, variant = args.child
         if args.keep_freed_memory and not keep_freed_memory():
             sys.exit("--keep-freed-memory: glibc's malloc settings cannot be changed in this process")
-        print(json.dumps(profile(name) if kind == "profile" else compile_split(name)))
+        print(json.dumps(profile(name, variant) if kind == "profile" else compile_split(name, variant)))
         return
     malloc = "freed memory kept (minifn.allocator)" if args.keep_freed_memory else "glibc's default malloc"
-    lines = [f"## Where the time goes (compiled step, variant d, {malloc})", "", f"Machine: {machine()}", "",
+    lines = [f"## Where the time goes (compiled step, variant {args.variant}, {malloc})", "",
+             f"Machine: {machine()}", "",
              f"Command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`", ""]
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as cache:
-            cold = run_script(__file__, ["--child", "compile", name], cache)  # the cache starts empty
-            warm = run_script(__file__, ["--child", "compile", name], cache)
+            child = [name, args.variant]
+            cold = run_script(__file__, ["--child", "compile", *child], cache)  # the cache starts empty
+            warm = run_script(__file__, ["--child", "compile", *child], cache)
             kept = ["--keep-freed-memory"] if args.keep_freed_memory else []
-            prof = run_script(__file__, ["--child", "profile", name, *kept], cache)
+            prof = run_script(__file__, ["--child", "profile", *child, *kept], cache)
         matmul = sum(seconds for category, seconds in prof["totals"].items() if category.startswith("matrix"))
         lines += [f"### {name}", "",
                   f"Step {prof['wall_s'] * 1e3:.0f} ms under the profiler; matmuls run at "
@@ -126,7 +130,8 @@ def main():
                          f"{c['inductor_s']:.1f} |")
         lines.append("")
     text = "\n".join(lines)
-    write_section(args.output, "profile-kept" if args.keep_freed_memory else "profile", text)
+    name = "profile" + ("-kept" if args.keep_freed_memory else "") + ("" if args.variant == "d" else f"-{args.variant}")
+    write_section(args.output, f"{name}-{vector_level()}", text)
     print(text)
 
 

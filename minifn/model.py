@@ -61,8 +61,8 @@ def apply_rotary(x_BHTK: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def causal_attention(q_BHTK: Tensor, k_BHTK: Tensor, v_BHTK: Tensor) -> Tensor:
     """Causal scaled dot-product attention. Under a CPU autocast it runs in float32 and returns float32 (the
-    next product casts it as autocast says): torch's CPU flash kernel took 3-4x as long in bfloat16 as in
-    float32 at the tutorial's and seed's shapes, and as long at bench's (benchmarks/attention.py), and its
+    next product casts it as autocast says): torch's CPU flash kernel took 2.2-3.0x as long in bfloat16 as
+    in float32 at the tutorial's and seed's shapes and 1.06x at bench's (benchmarks/attention.py), and its
     float32 scores are the more exact. On a GPU, autocast's choice stands."""
     if q_BHTK.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, is_causal=True)

@@ -150,8 +150,8 @@ def test_a_diverging_member_is_frozen_and_the_others_go_on(compiled, lr, request
     batches_ = data(12)
     lr = 10 * diverging_lr(params, batches_)[0] if lr is None else lr  # 10x: diverges early, not at the edge
     # The healthy members must be stable over 12 steps: at SGD_MEMBERS[0]'s lr 0.3 (momentum 0.9) some data
-    # sits at the edge of stability and amplifies float noise (sweep against alone: median 1.9e-7, 1.1e-4
-    # for one CI seed, over 16 seeds); at lr 0.1, at most 6e-8 over the same seeds.
+    # sits at the edge of stability and amplifies float noise (sweep against alone over 16 seeds: median
+    # 1.9e-7, but 1.1e-4 for one CI seed); at lr 0.1, at most 6e-8 over the same seeds.
     members = [{"lr": 0.1, "weight_decay": 0.0}, {"lr": lr, "weight_decay": 0.1}, SGD_MEMBERS[2]]
     states = sweep_states(params, optim.sgd(**SGD), members, ema=EMA)
     step = request.getfixturevalue("compiled_sweep") if compiled else make_sweep_step(CONFIG, optim.sgd(**SGD),

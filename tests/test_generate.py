@@ -66,17 +66,54 @@ def test_generation_stops_at_eos_and_at_the_context_length():
         list(generate(params, [1] * 24, CONFIG, max_new_tokens=1))
 
 
-def test_top_k_top_p_keep_the_right_tokens():
-    logits = torch.tensor([[3.0, 1.0, 2.0, -1.0, 0.0]])
-    for seed in range(20):
-        gen = torch.Generator().manual_seed(seed)
-        assert int(sample(logits, gen, top_k=2)) in (0, 2)
-        assert int(sample(logits, gen, top_k=1)) == 0
-        assert int(sample(logits, gen, top_p=1e-6)) == 0  # a tiny top_p still keeps the most likely token
-        probs = logits.softmax(-1)[0]  # p0 = 0.64, p0 + p2 = 0.88
-        assert int(sample(logits, gen, top_p=0.8)) in (0, 2)
-    assert int(sample(logits, top_k=10, temperature=0)) == 0  # k beyond the vocabulary is no filter
-    assert probs[0] < 0.8 < probs[0] + probs[2]
+def filtered(logits, keep, temperature=1.0):
+    """The distribution sampling should draw from: softmax over the kept tokens only."""
+    masked = torch.full_like(logits, float("-inf"))
+    masked[..., keep] = logits[..., keep] / temperature
+    return masked.softmax(-1)
+
+
+@pytest.mark.parametrize("kwargs,keep", [
+    (dict(), [0, 1, 2, 3, 4]),
+    (dict(temperature=2.0), [0, 1, 2, 3, 4]),
+    (dict(top_k=2), [0, 2]),
+    (dict(top_k=1), [0]),
+    (dict(top_p=0.8), [0, 2]),  # p0 = 0.64 < 0.8 <= p0 + p2 = 0.88: the nucleus is {0, 2}
+    (dict(top_p=0.6), [0]),  # p0 alone already covers 0.6
+    (dict(top_p=1e-6), [0]),  # a tiny top_p still keeps the most likely token
+    (dict(top_k=3, top_p=0.9, temperature=0.5), [0, 2]),  # after the temperature, p0 = 0.867, p0 + p2 = 0.984
+])
+def test_sampling_draws_from_the_filtered_distribution(kwargs, keep, recorded_seed):
+    logits = torch.tensor([3.0, 1.0, 2.0, -1.0, 0.0])
+    n = 20000
+    gen = torch.Generator().manual_seed(recorded_seed)
+    draws = sample(logits.expand(n, -1), gen, **kwargs)
+    frequencies = torch.bincount(draws, minlength=5) / n
+    expected = filtered(logits, keep, kwargs.get("temperature", 1.0))
+    # one draw's indicator has sd <= 0.5, so the mean of 20000 has sd <= 0.0036: 0.02 is over 5 sd
+    assert (frequencies[expected == 0] == 0).all(), frequencies
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.02)
+    assert int(sample(logits[None], top_k=10, temperature=0)) == 0  # k beyond the vocabulary is no filter
+
+
+def test_generate_feeds_every_token_at_its_own_position(recorded_seed):
+    """generate()'s loop against one full forward over what it produced: each decode call's logits are the
+    full recompute's at that position (a wrong position in the loop changes the rotary angles and the mask)."""
+    params = perturbed_params(recorded_seed % 1000)
+    seen = []
+
+    def recording_decode(p, token, cache, pos):
+        logits, cache = decode_step(p, token, cache, pos, CONFIG)
+        seen.append(logits)
+        return logits, cache
+
+    prompt = [5, 6, 7]
+    gen = torch.Generator().manual_seed(recorded_seed)
+    ids = list(generate(params, prompt, CONFIG, max_new_tokens=100, decode=recording_decode, generator=gen))
+    assert len(ids) == CONFIG.max_seq_len - len(prompt) + 1 and len(seen) == len(ids) - 1
+    full = apply(params, torch.tensor([prompt + ids[:-1]]), CONFIG)[0, len(prompt):]
+    cached = torch.cat(seen)
+    assert ((cached - full).norm() / full.norm()).item() < 1e-5
 
 
 def test_repetition_penalty_follows_the_common_definition():

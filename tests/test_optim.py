@@ -61,8 +61,8 @@ TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.
 @pytest.mark.parametrize("cosine", [False, True], ids=["constant", "cosine"])
 @pytest.mark.parametrize("problem", [mlp_problem, quadratic_problem, mixed_problem])
 @pytest.mark.parametrize("name,kwargs", CASES)
-def test_matches_torch_optim(problem, name, kwargs, cosine):
-    seed = torch.seed() % 2**31  # in the failure message: rerun with problem(seed)
+def test_matches_torch_optim(problem, name, kwargs, cosine, recorded_seed):
+    seed = recorded_seed
     params, loss_fn = problem(seed)
     ref = {k: v.clone().requires_grad_() for k, v in params.items()}
     torch_opt = TORCH[name](list(ref.values()), **kwargs)
@@ -83,8 +83,9 @@ def test_matches_torch_optim(problem, name, kwargs, cosine):
         error = ((params[k] - ref[k].detach()).norm() / ref[k].detach().norm()).item()
         # A lone scalar gets no averaging: one-ulp differences per step (torch's fused add with alpha against
         # a multiply then an add) grow through the loss; plain SGD on mixed_problem's 's' exceeded 1e-6 on
-        # 116 of 3000 seeds, at worst 2.6e-4. Tensors stay within 1e-6.
-        tol = 1e-6 if params[k].numel() >= 16 else 1e-3
+        # 116 of 3000 seeds, at worst 2.6e-4. Tensors stay within 1e-6 (the quadratic's 10-element leaf: at
+        # worst 3.6e-7 over 300 seeds of every case).
+        tol = 1e-3 if params[k].numel() == 1 else 1e-6
         assert error < tol, f"{name} {kwargs} {problem.__name__}({seed}) {k}: relative error {error:.2e}"
     start = problem(seed)[0]
     assert all(not torch.equal(params[k], start[k]) for k in params)  # the comparison is not vacuous
@@ -94,13 +95,13 @@ def test_matches_torch_optim(problem, name, kwargs, cosine):
 @pytest.mark.parametrize("cosine", [False, True], ids=["constant", "cosine"])
 @pytest.mark.parametrize("problem", [mlp_problem, mixed_problem])
 @pytest.mark.parametrize("name,kwargs", [c for c in CASES if c[0] != "sgd"])
-def test_fused_step_is_torch_fused_bit_for_bit(problem, name, kwargs, cosine):
+def test_fused_step_is_torch_fused_bit_for_bit(problem, name, kwargs, cosine, recorded_seed):
     """step_inplace runs adam(w)'s fused kernel: torch.optim's fused=True values exactly, in the state's own
     buffers. (torch's fused and foreach AdamW drift apart on these small problems, up to 6e-3 relative
     after 100 steps in a scan of 60 seeds, so the fused kernel is the reference, not the tolerance above.)
     The reference takes our schedule's lr: CosineAnnealingLR's recurrence differs from the closed form in
     the last bits, which a float64 leaf shows."""
-    seed = torch.seed() % 2**31
+    seed = recorded_seed
     params, loss_fn = problem(seed)
     ref = {k: v.clone().requires_grad_() for k, v in params.items()}
     torch_fused = TORCH[name](list(ref.values()), **kwargs, fused=True)
@@ -160,8 +161,8 @@ def test_clip_by_global_norm_matches_torch():
     assert torch.equal(tx.update(small, tx.init(small))[0]["a"], small["a"])  # under the norm: untouched
 
 
-def test_in_place_apply_is_bit_identical():
-    params, loss_fn = mlp_problem(torch.seed() % 2**31)
+def test_in_place_apply_is_bit_identical(recorded_seed):
+    params, loss_fn = mlp_problem(recorded_seed)
     tx = optim.adamw(lr=0.01, weight_decay=0.1)
     p_out, s_out = params, tx.init(params)
     p_in, s_in = optree.tree_map(torch.clone, params), tx.init(params)

@@ -161,3 +161,68 @@ def test_a_checkpoint_saved_before_the_warmup_was_state_resumes_as_before(saved,
     result = invoke("train", "--dataset", story, "--model", old, *TINY_FLAGS, "--num-epochs", 3, *SETTINGS)
     assert result.exit_code == 0, result.output
     assert all(torch.equal(a, b) for a, b in zip(params(full).values(), params(old).values()))
+
+
+SGD = ["--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0", "--scheduler", "none", "--dropout", "0"]
+
+
+@pytest.mark.parametrize("clip", [0.02, 0.0], ids=["clipping", "off"])
+def test_a_new_clip_threshold_sets_the_size_of_the_next_update(saved, tmp_path, clip):
+    """Plain SGD, so one step moves the parameters by exactly lr * |g| * min(1, clip / (|g| + 1e-6)), with |g|
+    the step's logged norm (taken before clipping): the resumed threshold, not the saved one, sets it."""
+    story, _ = saved
+    base = tmp_path / "sgd.pt"
+    flags = [*TINY_FLAGS, *SGD, "--lr", "0.5"]
+    assert invoke("train", "--dataset", story, "--model", base, *flags, "--num-epochs", 1,
+                  "--clip-grad", 1e3).exit_code == 0
+    done = int(checkpoint.load(base)[0]["step"])
+    before = params(base)
+    result = invoke("train", "--dataset", story, "--model", base, *flags, "--num-epochs", 2, "--clip-grad", clip,
+                    "--max-steps", done + 1)
+    assert result.exit_code == 0 and f"clip_grad: 1000.0 != {float(clip)}" in result.output, result.output
+    after, last = params(base), steps(base)[-1]
+    assert last["step"] == done + 1
+    norm = last["grad_norm"]
+    moved = torch.cat([(after[k] - before[k]).flatten() for k in before]).norm().item()
+    expected = 0.5 * norm * (min(1.0, clip / (norm + 1e-6)) if clip else 1.0)
+    assert norm > 5 * 0.02  # clipping is active at 0.02
+    assert moved == pytest.approx(expected, rel=1e-3)
+
+
+def logged_lrs(tmp_path, name, *flags, epochs=4):
+    story = story_file(tmp_path, 600)
+    path = tmp_path / f"{name}.pt"
+    result = invoke("train", "--dataset", story, "--model", path, *TINY_FLAGS, *SGD, "--lr", "0.05",
+                    "--num-epochs", epochs, *flags)
+    assert result.exit_code == 0, result.output
+    lrs = [e["lr"] for e in steps(path)]
+    return lrs, len(lrs) // epochs
+
+
+def torch_lrs(make_scheduler, n):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    sched, out = make_scheduler(opt), []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("flags,make", [
+    (["--scheduler", "cosine", "--eta-min", "0.01"],
+     lambda o, per_epoch, total: torch.optim.lr_scheduler.CosineAnnealingLR(o, total, eta_min=0.01)),
+    (["--scheduler", "cosine", "--t-max", "1", "--eta-min", "0.002"],
+     lambda o, per_epoch, total: torch.optim.lr_scheduler.CosineAnnealingLR(o, per_epoch, eta_min=0.002)),
+    (["--scheduler", "linear", "--start-factor", "0.2", "--end-factor", "0.7", "--total-iters", "2"],
+     lambda o, per_epoch, total: torch.optim.lr_scheduler.LinearLR(o, 0.2, 0.7, 2 * per_epoch)),
+    (["--scheduler", "step", "--step-size", "1", "--gamma", "0.3"],
+     lambda o, per_epoch, total: torch.optim.lr_scheduler.StepLR(o, per_epoch, 0.3)),
+], ids=["cosine-eta-min", "cosine-t-max", "linear-factors", "step-gamma"])
+def test_scheduler_flags_give_torchs_learning_rates_step_by_step(tmp_path, flags, make):
+    """Every scheduler flag reaches the steps: the logged lr of each step (the one its update used) is torch's
+    scheduler's for the same settings, epochs converted to steps."""
+    lrs, per_epoch = logged_lrs(tmp_path, "sched", *flags)
+    assert per_epoch > 1
+    expected = torch_lrs(lambda o: make(o, per_epoch, len(lrs)), len(lrs))
+    assert lrs == pytest.approx(expected, rel=1e-6, abs=1e-12)

@@ -38,12 +38,29 @@ def test_matches_torch_scheduler(ours_fn, torch_fn):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)
 
 
-def test_warmup_ramps_then_hands_over():
-    sched = schedules.warmup(schedules.cosine(100), warmup_steps=10)
-    values = ours(sched, 120)
-    torch.testing.assert_close(values[:10], BASE_LR * torch.arange(1, 11, dtype=torch.float64) / 10)
-    torch.testing.assert_close(values[10:110], ours(schedules.cosine(100), 100))
-    assert schedules.warmup(schedules.constant(), 0) is not None
+@pytest.mark.parametrize("warmup_steps", [1, 10])
+@pytest.mark.parametrize("after_ours,after_torch", [
+    (lambda: schedules.cosine(100), lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 100)),
+    (lambda: schedules.step_decay(30, 0.5), lambda o: torch.optim.lr_scheduler.StepLR(o, 30, 0.5)),
+])
+def test_warmup_matches_torch_linear_then_sequential(warmup_steps, after_ours, after_torch):
+    """Warm-up is torch's LinearLR from 1/W to 1 over W - 1 steps, handed over by SequentialLR at step W."""
+    def torch_fn(o):
+        if warmup_steps == 1:  # LinearLR needs total_iters >= 1; a one-step warm-up is lr / 1 at step 0
+            return after_torch(o)
+        ramp = torch.optim.lr_scheduler.LinearLR(o, 1 / warmup_steps, 1.0, warmup_steps - 1)
+        return torch.optim.lr_scheduler.SequentialLR(o, [ramp, after_torch(o)], milestones=[warmup_steps])
+
+    expected = torch_values(torch_fn)
+    if warmup_steps == 1:
+        expected = torch.cat([expected[:1], expected[:-1]])  # step 0 ramps (to lr), then the schedule from 0
+    got = ours(schedules.warmup(after_ours(), warmup_steps))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)
+    assert not torch.equal(got, ours(after_ours()))  # the warm-up changed something
+
+
+def test_no_warmup_is_the_schedule_itself():
+    torch.testing.assert_close(ours(schedules.warmup(schedules.cosine(50), 0)), ours(schedules.cosine(50)))
 
 
 def test_make_by_name_and_rejects_unknown():

@@ -183,15 +183,26 @@ def test_compiled_donated_state_is_updated_in_place_with_the_pure_steps_values()
     assert_donated_equals_pure(eager, make_train_step(CONFIG, ADAMW, compile="on", inplace=True), ADAMW, exact=False)
 
 
-def test_accumulated_micro_batches_equal_one_big_batch():
-    sgd = optim.sgd(lr=0.1)
-    state = init_state(init_params(CONFIG, 0), sgd)
+def test_accumulated_micro_batches_equal_one_big_batch_and_torchs_step():
+    """Two micro-batches with unequal counts of valid targets give the big batch's step: the loss is the mean
+    over all valid targets, as F.cross_entropy(ignore_index) on the module and torch's SGD compute it."""
+    params = init_params(CONFIG, seed=int(torch.randint(0, 1000, ())))
+    sgd = optim.sgd(lr=0.5)
+    state = init_state(params, sgd)
     x, y = next(batches(random_tokens(), 16, 4, 8))
     y[5:, 3:] = IGNORE_INDEX  # unequal valid counts per micro-batch
     big, m_big = train_step(state, (x, y), config=CONFIG, optimizer=sgd)
     acc, m_acc = train_step(state, (x.view(2, 4, 16), y.view(2, 4, 16)), config=CONFIG, optimizer=sgd)
-    assert rel(acc.params, big.params) < 1e-6
+    module = ReferenceTransformer(CONFIG)
+    module.load_state_dict(params)
+    loss = F.cross_entropy(module(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+    loss.backward()
+    torch.optim.SGD(module.parameters(), lr=0.5).step()
+    reference = dict(module.named_parameters())
+    assert rel(big.params, reference) < 1e-6 and rel(acc.params, reference) < 1e-6
+    assert rel(acc.params, params) > 1e-4  # the step moved the parameters
     torch.testing.assert_close(m_acc["loss"], m_big["loss"])
+    torch.testing.assert_close(m_acc["loss"], loss.detach())
 
 
 def test_clipping_and_bf16_autocast_run_and_learn():
@@ -261,7 +272,7 @@ def _run(tmp_path, name, stop_after=None, progress=None, state=None):
                lr_of=lambda s: optim.current_lr(s.opt_state, DECAY)), path, tx
 
 
-@pytest.mark.parametrize("stop_after", [3, 7, 13])  # mid-epoch, mid-epoch after a save, near the end
+@pytest.mark.parametrize("stop_after", [3, 7, 13])  # mid-epoch, at an epoch boundary, mid-epoch after a save
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, stop_after):
     from minifn import checkpoint
 

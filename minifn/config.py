@@ -175,6 +175,9 @@ class OptimConfig(Settings):
             _check_number(name, getattr(self, name), float, positive=True)
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ConfigError("--nesterov needs --momentum > 0 and --dampening 0")
+        if self.eta_min > self.lr:
+            raise ConfigError(f"--eta-min {self.eta_min} is above --lr {self.lr}: the cosine's floor must be at most "
+                              "its peak")
 
     @property
     def has_momentum_buffer(self) -> bool:

@@ -181,9 +181,11 @@ def batches(tokens, seq_len: int, stride: int, batch_size: int, *, epoch: int = 
 def eval_batches(tokens, seq_len: int, stride: int, batch_size: int, pad_id: int = 0,
                  ignore_index: int = IGNORE_INDEX) -> Iterator[tuple[Tensor, Tensor]]:
     """Windows in order where every target is scored exactly once: window k > 0 ignores its first
-    seq_len - stride targets, which window k - 1 already scored (with less context)."""
+    seq_len - stride targets, which window k - 1 already scored (with less context). Batches hold at most
+    as many rows as there are windows: rows past them would only be padding (the scores do not change)."""
     tokens = _as_tokens(tokens)
     n = num_windows(len(tokens), seq_len, stride)
+    batch_size = min(batch_size, n)
     for b in range(0, n, batch_size):
         ks = range(b, min(b + batch_size, n))
         x, y = read_windows(tokens, [k * stride for k in ks], seq_len, batch_size, pad_id, ignore_index)

@@ -228,7 +228,7 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
                                       *(m[k] for k in noise.METRICS if k in m)]).to(torch.float64)
                 resolve(end=started)
                 pending = (values, step, progress.epoch + 1, progress.batch, started)
-                last = step >= max_steps
+                last = step >= max_steps or (progress.epoch + 1 == num_epochs and progress.batch == per_epoch)
                 if evaluate is not None and eval_every and (step % eval_every == 0 or last):
                     emit({"kind": "eval", "step": step, "epoch": progress.epoch + 1, **run_eval()})
                 if save_every_steps and step % save_every_steps == 0 and not last:

@@ -25,7 +25,8 @@ import torch
 
 from minifn import checkpoint, onednn, optim, schedules
 from minifn.checkpoint import CheckpointError
-from minifn.config import Config, ConfigError, ModelConfig, OptimConfig
+from minifn.config import Config, ConfigError, ModelConfig, OptimConfig, flag
+from minifn.data import num_windows
 from minifn.loop import DataSpec, fit
 from minifn.loop import evaluate as evaluate_tokens
 from minifn.losses import LOSSES, Loss, cross_entropy, perplexity
@@ -185,6 +186,33 @@ def _init_source(source: str, device) -> tuple[dict, ModelConfig, str]:
     return params, model, meta["tokenizer"]["sha256"]
 
 
+def _refuse_padding_only_shapes(num_tokens: int, spec: DataSpec) -> None:
+    """A window longer than the training data, or a batch of more windows than the data has, would be
+    padding that costs compute and memory and trains nothing: refused, with the largest value that fits."""
+    if num_tokens - 1 < spec.seq_len:
+        raise ConfigError(f"--max-seq-len {spec.seq_len} is longer than the training data ({num_tokens} tokens): "
+                          f"the window would be mostly padding; use --max-seq-len {num_tokens - 1} or less")
+    windows = num_windows(num_tokens, spec.seq_len, spec.stride)
+    if spec.batch_size * spec.world_size > windows:
+        across = f" for {spec.world_size} processes" if spec.world_size > 1 else ""
+        fits = (f"use --batch-size {windows // spec.world_size} or less" if windows >= spec.world_size
+                else "use fewer processes")
+        raise ConfigError(f"--batch-size {spec.batch_size} is more than the {windows} windows in the training data"
+                          f"{across} (--max-seq-len {spec.seq_len}, --batch-stride {spec.stride}): every batch would "
+                          f"be padded; {fits}, or a smaller --batch-stride")
+
+
+def _refuse_shape_settings(asked: ModelConfig, loaded: ModelConfig, source: str) -> None:
+    """--init-from fixes the architecture (all but the context length): a shape setting changed from its
+    default to something else than the loaded model's is refused, as a setting that does not apply is."""
+    clashes = [f"{flag(f.name)} {getattr(asked, f.name)} (it has {getattr(loaded, f.name)})"
+               for f in dataclasses.fields(ModelConfig) if f.name not in ("vocab_size", "max_seq_len")
+               and getattr(asked, f.name) not in (f.default, getattr(loaded, f.name))]
+    if clashes:
+        raise ConfigError(f"--init-from {source} fixes the model's shape, and {'; '.join(clashes)} would change it; "
+                          "drop them (only --max-seq-len may differ)")
+
+
 def _resume(path: Path, header: dict, template: TrainState, config: Config, budget: int | None):
     """(state, progress, applied changes) from the checkpoint at path, or a CheckpointError naming what
     makes it another run: another model, tokenizer, data, process count, or a setting that breaks resume."""
@@ -269,6 +297,9 @@ def setup(config: Config, device: torch.device | None = None, rank: int = 0, wor
     tok = load_tokenizer(dc.tokenizer)
     tok_path = str((mistral_model_path() if dc.tokenizer == MISTRAL else Path(dc.tokenizer)).resolve())
     data = load_data(dc, tok)
+    if data.val is None and (rc.eval_every or rc.eval_tokens):
+        raise ConfigError(f"{'--eval-every' if rc.eval_every else '--eval-tokens'} needs a validation split; set "
+                          "--val-fraction (or train on a prepared corpus that has one)")
     if dc.batch_stride > config.model.max_seq_len:
         raise ConfigError(f"--batch-stride {dc.batch_stride} is larger than --max-seq-len {config.model.max_seq_len}:"
                           " tokens between windows would never be trained on")
@@ -279,10 +310,12 @@ def setup(config: Config, device: torch.device | None = None, rank: int = 0, wor
         raise ConfigError(f"--init-from {rc.init_from} was trained with another tokenizer than --tokenizer "
                           f"{dc.tokenizer}; pass the tokenizer it was trained with")
     else:
+        _refuse_shape_settings(config.model, init[1], rc.init_from)
         model = dataclasses.replace(init[1], max_seq_len=config.model.max_seq_len)
     config = dataclasses.replace(config, model=model)
     spec = DataSpec(model.max_seq_len, dc.batch_stride, dc.batch_size, dc.grad_accum_steps, dc.shuffle,
                     rc.seed if dc.shuffle_seed < 0 else dc.shuffle_seed, tok.pad_id, rank, world_size)
+    _refuse_padding_only_shapes(len(data.train), spec)
     steps_per_epoch = spec.steps_per_epoch(len(data.train))
     budget = step_budget(rc, dc.batch_size * world_size * dc.grad_accum_steps * spec.seq_len)
     total_steps = min(steps_per_epoch * rc.num_epochs, budget or math.inf)
@@ -320,7 +353,7 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
         checkpoint.remove_stale_temporaries(path)
         state = init_state(su.initial_params(rc.seed), su.optimizer, seed=rc.seed, ema=rc.ema)
         progress, applied = None, []
-        if path.exists() and not rc.fresh:
+        if path.exists() and path.stat().st_size and not rc.fresh:  # an empty file is a place to write
             state, progress, applied = _resume(path, header, state, config, su.budget)
         # The config is the truth for every hyperparameter, restored state or not.
         state = state._replace(opt_state=optim.set_hyperparams(state.opt_state, **hyperparams_of(config.optim)))

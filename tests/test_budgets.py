@@ -68,6 +68,14 @@ def test_eval_every_reports_validation_and_keeps_the_best_checkpoint(story, tmp_
     assert int(tensors["step"]) == best["step"] and meta["progress"]["best_val"] == best["val_loss"]
 
 
+def test_eval_every_also_scores_the_end_when_the_epochs_end_the_run(story, tmp_path):
+    ckpt = tmp_path / "e.pt"
+    result = train(story, ckpt, "--num-epochs", 2, "--eval-every", 4, "--val-fraction", 0.2)
+    total = int(checkpoint.load(ckpt)[0]["step"])
+    assert total % 4 and "[Epoch: 2/2]" in result.output  # the end is not a multiple of 4
+    assert [e["step"] for e in events(ckpt, "eval")] == [*range(4, total, 4), total]
+
+
 def test_eval_tokens_caps_the_validation_set(story, tmp_path):
     ckpt = tmp_path / "c.pt"
     train(story, ckpt, "--num-epochs", 1000, "--max-steps", 2, "--eval-every", 2, "--val-fraction", 0.3,

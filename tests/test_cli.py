@@ -298,3 +298,43 @@ def test_loss_from_config_applies_smoothing():
     loss = loss_from_config("cross_entropy", 0.3)(logits, targets)
     want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=0.3, ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(loss, want)
+
+
+def test_init_from_keeps_its_shape_and_refuses_another(trained, tmp_path):
+    ckpt, story = trained
+    start = {k: v for k, v in checkpoint.load(ckpt)[0].items() if k.startswith("params.")}
+    # TINY spells out the checkpoint's own shape: accepted, and the context may change
+    tuned = tmp_path / "tuned.pt"
+    train(story, tuned, "--init-from", ckpt, "--num-epochs", 1, "--max-seq-len", 16, "--batch-stride", 8)
+    tensors, meta = checkpoint.load(tuned)
+    assert meta["config"]["model"]["embed_dim"] == 16 and meta["config"]["model"]["max_seq_len"] == 16
+    assert {k for k in tensors if k.startswith("params.")} == set(start)
+    refused = [(["--embed-dim", 32], "--embed-dim 32 (it has 16)"),
+               (["--num-layers", 3, "--no-tie-embeddings"], "--num-layers 3 (it has 1); --tie-embeddings False")]
+    for flags, named in refused:
+        bad = train(story, tmp_path / "bad.pt", "--init-from", ckpt, "--num-epochs", 1, *flags, ok=False)
+        assert bad.exit_code == 1 and named in bad.output and "Traceback" not in bad.output, bad.output
+        assert not (tmp_path / "bad.pt").exists()
+
+
+def test_eval_batches_larger_than_the_data_score_the_same(trained):
+    ckpt, story = trained
+    small = run("eval", "--model", ckpt, "--dataset", story, "--batch-size", 2)
+    huge = run("eval", "--model", ckpt, "--dataset", story, "--batch-size", 10**7)  # padded: 10**7 x 32 x 32000
+    a, b = (dict(line.split(": ") for line in r.output.strip().splitlines()) for r in (small, huge))
+    assert a["Tokens evaluated"] == b["Tokens evaluated"]
+    assert float(a["Cross-entropy"].split()[0]) == pytest.approx(float(b["Cross-entropy"].split()[0]), rel=1e-6)
+
+
+def test_running_out_of_cpu_memory_is_the_users_error(trained, monkeypatch):
+    from minifn import loop
+
+    def exhausted(*args, **kwargs):  # what torch's CPU allocator raises: a plain RuntimeError
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 409600000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(loop, "eval_batches", exhausted)
+    ckpt, story = trained
+    result = run("eval", "--model", ckpt, "--dataset", story, ok=False)
+    assert result.exit_code == 1 and "out of memory" in result.output and "smaller --batch-size" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "internal error" not in result.output

@@ -85,6 +85,11 @@ BAD_INPUTS = [
     (train_with("--scheduler", "none", "--t-max", "3"), 1, "--t-max is used by --scheduler cosine only"),
     (train_with("--criterion", "mse", "--label-smoothing", "0.1"), 1, "--label-smoothing is used by --criterion"),
     (train_with("--batch-stride", "64"), 1, "larger than --max-seq-len"),
+    (train_with("--max-seq-len", "100000", "--batch-stride", "8"), 1, "is longer than the training data"),
+    (train_with("--batch-size", "1000"), 1, "is more than the"),
+    (train_with("--eval-every", "3"), 1, "--eval-every needs a validation split"),
+    (train_with("--eval-tokens", "30"), 1, "--eval-tokens needs a validation split"),
+    (train_with("--eta-min", "1"), 1, "--eta-min 1.0 is above --lr"),
     (train_with("--num-heads", "0"), 1, "--num-heads must be positive"),
     (train_with("--embed-dim", "-3"), 1, "--embed-dim must be positive"),
     (train_with("--head-dim", "7"), 1, "--head-dim must be even for rotary embeddings"),
@@ -246,6 +251,31 @@ def test_signal_saves_says_how_to_resume_and_resumes(files, tmp_path, sig, code)
     resumed = invoke("train", "--dataset", files["story"], "--model", ckpt, *TINY, "--num-epochs", done + 1)
     assert resumed.exit_code == 0 and "Resuming from" in resumed.output
     assert checkpoint.load(ckpt)[1]["progress"]["epoch"] == done + 1
+
+
+SECOND_SIGNAL = """
+import signal, sys, time, torch
+from minifn.cli.signals import stop_on_signals
+with stop_on_signals() as stop:
+    signal.raise_signal(signal.SIGINT)  # the first: a flag for the loop, checked between steps
+    assert stop.requested() == signal.SIGINT
+    a = torch.randn(12000, 12000)
+    print("in the kernel", flush=True)
+    a @ a  # one long kernel (about 3.5 TFLOP) in which no Python signal handler can run
+print("the kernel finished", flush=True)
+"""
+
+
+def test_a_second_signal_ends_the_process_inside_a_long_kernel():
+    proc = subprocess.Popen([sys.executable, "-c", SECOND_SIGNAL], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    assert proc.stdout.readline() == "in the kernel\n"
+    time.sleep(0.5)
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT, out  # killed by the signal, not a KeyboardInterrupt after the kernel
+    assert time.perf_counter() - sent < 2.0 and "finished" not in out
 
 
 @pytest.mark.slow

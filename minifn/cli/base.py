@@ -58,9 +58,11 @@ def one_line_errors(fn):
             if kwargs.get("verbose"):
                 traceback.print_exc()
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            out_of_memory = isinstance(e, MemoryError) or any(
+                words in message.lower() for words in ("out of memory", "can't allocate memory"))
+            if out_of_memory:  # torch's CPU allocator raises a plain RuntimeError
+                raise UserError(f"out of memory ({message[:80]}); try a smaller --batch-size or model") from None
             if _is_users(e):
-                if isinstance(e, MemoryError) or "out of memory" in message.lower():
-                    message = f"out of memory ({message[:80]}); try a smaller --batch-size or model"
                 raise UserError(message) from None
             click.echo(f"Error: internal error, a bug in minifn or torch, not in your input ({type(e).__name__}: "
                        f"{message[:200]}); traceback written to {_report_bug(e)}", err=True)

@@ -11,16 +11,17 @@ import click
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag that the loop checks between steps; a second signal aborts at once
-    (the checkpoint on disk stays whole either way: saves are atomic)."""
+    """SIGINT/SIGTERM set a flag that the loop checks between steps. The first one also hands both signals
+    back to the operating system's default, so a second one ends the process at once, even inside a long
+    kernel where no Python handler can run (the checkpoint on disk stays whole: saves are atomic)."""
 
     def __init__(self):
         self.signum = None
 
     def __call__(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
         self.signum = signum
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL)
 
     def requested(self) -> int | None:
         return self.signum

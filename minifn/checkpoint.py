@@ -200,9 +200,13 @@ def remove_stale_temporaries(path: str | os.PathLike) -> int:
     return len(stale)
 
 
-def load(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
-    """(tensors, meta) from a checkpoint, or a CheckpointError that says what is wrong with the file."""
-    path = Path(path)
+def load(path: str | os.PathLike, *, suggest_fresh: bool = True) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, meta) from a checkpoint, or a CheckpointError that says what is wrong with the file.
+
+    suggest_fresh: a damaged or foreign-format file's message ends with 'start over with --fresh', the way
+    out for the commands that resume from it (train, sweep); readers without that flag (generate, eval,
+    export, --init-from) pass False and get the message without it."""
+    path, fresh = Path(path), " or start over with --fresh" if suggest_fresh else ""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
                               else f"checkpoint {path} is not a file")
@@ -216,15 +220,15 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
             raise CheckpointError(f"checkpoint {path} was refused: it asks to run {refused.group(1)}, and loading "
                                   "never executes code; only use checkpoints you trust") from None
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a tensor file that loads without "
-                              "running code); delete it or start over with --fresh") from None
+                              f"running code); delete it{fresh}") from None
     except Exception as e:  # noqa: BLE001 - random bytes raise anything (IndexError, KeyError, EOFError...)
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
-                              "delete it or start over with --fresh") from None
+                              f"delete it{fresh}") from None
     if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith("minifn-checkpoint"):
         raise CheckpointError(f"{path} is not a minifn checkpoint")
     if payload["format"] != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {payload['format']}, written by another version of "
-                              f"minifn (this one reads {FORMAT}); retrain it or start over with --fresh")
+                              f"minifn (this one reads {FORMAT}); retrain it{fresh}")
     try:
         tensors, meta = payload["tensors"], json.loads(payload["meta"])
     except (KeyError, TypeError, json.JSONDecodeError):
@@ -406,7 +410,7 @@ def load_params(path: str | os.PathLike, device=None,
     weights='ema' reads the moving average of a run trained with --ema instead."""
     from minifn.model import skeleton
 
-    tensors, meta = load(path)
+    tensors, meta = load(path, suggest_fresh=False)
     config = ModelConfig.from_dict(meta["config"]["model"])
     prefix = {"raw": "params.", "ema": "ema."}[weights]
     params = {k.removeprefix(prefix): v.to(device) for k, v in tensors.items() if k.startswith(prefix)}

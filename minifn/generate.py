@@ -62,16 +62,23 @@ def make_decode_step(config: ModelConfig, compile: str = "auto", device="cpu") -
     return maybe_compile(lambda p, t, c, pos: decode_step(p, t, c, pos, config), compile, torch.device(device))
 
 
+def check_prompt(prompt_ids: list[int], config: ModelConfig) -> None:
+    """Raise GenerationError unless the model can continue prompt_ids: at least one token, and room in its
+    context for one more. generate() checks it when first advanced; callers that print the prompt first
+    check it before."""
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty; give at least one token")
+    if len(prompt_ids) >= config.max_seq_len:
+        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
+                              f"{config.max_seq_len}; shorten the prompt")
+
+
 def generate(params: Params, prompt_ids: list[int], config: ModelConfig, *, max_new_tokens: int,
              decode: Callable | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0) -> Iterator[int]:
     """Yield new token ids one at a time until EOS, max_new_tokens, or the model's context is full."""
-    if not prompt_ids:
-        raise GenerationError("the prompt is empty; give at least one token")
-    if len(prompt_ids) >= config.max_seq_len:
-        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
-                         f"{config.max_seq_len}; shorten the prompt")
+    check_prompt(prompt_ids, config)
     device = next(iter(params.values())).device
     decode = decode or (lambda p, t, c, pos: decode_step(p, t, c, pos, config))
     cache = init_cache(config, 1, config.max_seq_len, device=device, dtype=next(iter(params.values())).dtype)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from minifn import checkpoint
 from minifn.config import ModelConfig
-from minifn.files import fsync_dir
+from minifn.files import check_output_location, fsync_dir
 from minifn.hf_tokenizer import HFError, check_convertible, read_sentencepiece, tokenizer_files
 from minifn.model import Params, skeleton
 from minifn.tokenizer import MISTRAL, Tokenizer, load_tokenizer, mistral_model_path, sha256_file
@@ -196,6 +196,8 @@ def from_hf_config(hf: dict) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------- directories
 
 def refuse_existing_output(output: Path) -> None:
+    """Raise unless output may become the exported folder: absent or an empty folder, under a folder."""
+    check_output_location(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise HFError(f"{output} already exists and is not an empty folder; choose another --output or delete it")
 
@@ -229,7 +231,7 @@ def write_directory(output: str | os.PathLike, files: dict[str, dict | Path | Ca
 
 def read_checkpoint_weights(path: str | os.PathLike, weights: str = "raw") -> tuple[Params, ModelConfig, Tokenizer]:
     """(params or their EMA, model config, the run's tokenizer checked by sha256) from a minifn checkpoint."""
-    tensors, meta = checkpoint.load(path)
+    tensors, meta = checkpoint.load(path, suggest_fresh=False)
     config = ModelConfig.from_dict(meta["config"]["model"])
     prefix = {"raw": "params.", "ema": "ema."}[weights]
     params = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
@@ -300,6 +302,9 @@ def load_pretrained(directory: str | os.PathLike, device=None,
     max_seq_len caps the context (default max_position_embeddings, often 32k+, which sizes generate's KV cache);
     rotary positions carry no weights, so a shorter context computes the same on every input it accepts."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise HFError(f"model folder {directory} does not exist" if not directory.exists()
+                      else f"{directory} is a file; give the Hugging Face model folder that holds it")
     if not (directory / "config.json").is_file():
         raise HFError(f"{directory} has no config.json (give a Hugging Face model folder)")
     try:
@@ -325,6 +330,7 @@ def import_directory(directory: str | os.PathLike, output: str | os.PathLike,
                      max_seq_len: int | None = None) -> tuple[Path, ModelConfig]:
     """A Llama/Mistral-format directory as a parameters-only minifn checkpoint (tokenizer by absolute path)."""
     output = Path(output)
+    check_output_location(output)
     if output.exists():
         raise HFError(f"{output} already exists; choose another --output or delete it")
     params, config, tokenizer_path = load_pretrained(directory, max_seq_len=max_seq_len)

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from minifn.files import atomic_file, check_output_location
+
 
 class PlotError(ValueError):
     """A metrics file that cannot be plotted, or no matplotlib; the message says which."""
@@ -46,14 +48,27 @@ def output_path(output: str | Path) -> Path:
     return output / "loss.png" if output.is_dir() else output
 
 
+def image_format(output: Path) -> str:
+    """The format matplotlib writes output in: its suffix's (svg, pdf, jpg...), png without one. Named
+    explicitly because the figure is written to a temporary file, whose name says nothing."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = output.suffix.lower().removeprefix(".")
+    known = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in known:
+        raise PlotError(f"cannot write {output}: .{suffix} is not an image format matplotlib writes "
+                        f"(give one of .{', .'.join(sorted(known))})")
+    return suffix or "png"
+
+
 def _validation(events: list[dict], key: str) -> list[dict]:
     return [e for e in events if e["kind"] in ("epoch", "eval") and _number(e.get(key))]
 
 
 def plot_metrics(paths: str | Path | list, output: str | Path = "loss.png") -> Path:
-    """Write a PNG of loss against optimizer steps: one run, or several on one figure (a sweep's members);
-    validation points, the EMA's, the epoch axis on top and, for --log-gns, a panel of the smoothed noise
-    scale B_simple in tokens. Returns the file written."""
+    """Write a picture of loss against optimizer steps (a PNG, unless output's suffix names another format):
+    one run, or several on one figure (a sweep's members); validation points, the EMA's, the epoch axis on
+    top and, for --log-gns, a panel of the smoothed noise scale B_simple in tokens. Returns the file written."""
     try:
         import matplotlib
 
@@ -61,6 +76,9 @@ def plot_metrics(paths: str | Path | list, output: str | Path = "loss.png") -> P
         import matplotlib.pyplot as plt
     except ModuleNotFoundError:
         raise PlotError("plotting needs matplotlib: pip install 'minifn[plot]'") from None
+    output = output_path(output)
+    check_output_location(output)  # before any work
+    fmt = image_format(output)
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     runs = {p: read_events(p) for p in paths}
     gns = {p: [e for e in ev if e["kind"] == "step" and _number(e.get("gns"))] for p, ev in runs.items()}
@@ -101,8 +119,9 @@ def plot_metrics(paths: str | Path | list, output: str | Path = "loss.png") -> P
         top = ax.secondary_xaxis("top", functions=(lambda s: s / per_epoch, lambda e: e * per_epoch))
         top.set_xlabel("epoch")
     fig.tight_layout()
-    output = output_path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, format="png")
-    plt.close(fig)
+    try:
+        with atomic_file(output) as f:  # savefig writes in place: a Ctrl-C would leave half a picture
+            fig.savefig(f, format=fmt)
+    finally:
+        plt.close(fig)
     return output

@@ -49,7 +49,7 @@ from minifn.corpus import (
     shard_name,
     token_dtype,
 )
-from minifn.files import fsync_dir
+from minifn.files import check_output_location, fsync_dir
 from minifn.sources import PIECE_BYTES, Piece, expand_inputs, file_format, read_pieces
 from minifn.tokenizer import Tokenizer, sha256_file
 
@@ -290,7 +290,9 @@ def _remove_stale_temporaries(output: Path) -> None:
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
-    """An output may be new, an empty folder, or (with overwrite) a prepared corpus; nothing else is replaced."""
+    """An output may be new, an empty folder, or (with overwrite) a prepared corpus; nothing else is replaced.
+    Its folder must be one (not a file), checked before any work."""
+    check_output_location(output)
     if not output.exists() and not output.is_symlink():
         return
     if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):

@@ -122,6 +122,17 @@ def _complete_interrupted_save(paths: list[Path], save_ids: list[str | None]) ->
     return False
 
 
+def _refuse_finished(folder: Path, progress: Progress, step: int, num_epochs: int, budget: int | None) -> None:
+    """A rerun of a finished sweep is refused as minifn train refuses a finished run: it would train nothing,
+    and a 'Sweep complete!' over an empty ranking reads as if it had."""
+    if progress.epoch >= num_epochs:
+        raise CheckpointError(f"the runs in {folder} have already trained {progress.epoch} epoch(s), and "
+                              f"--num-epochs is {num_epochs}: nothing to do; raise --num-epochs to train further")
+    if budget is not None and step >= budget:
+        raise CheckpointError(f"the runs in {folder} have already taken {step} steps, the whole budget of this "
+                              f"sweep ({budget}): nothing to do; raise --max-steps or --max-tokens")
+
+
 def _train_locked(su, config: Config, folder: Path, configs: list[Config], names: list[str], paths: list[Path],
                   on_event, stop_requested) -> list:
     """train_sweep with every member's checkpoint locked: start or resume each member, train them together,
@@ -133,6 +144,7 @@ def _train_locked(su, config: Config, folder: Path, configs: list[Config], names
     progress, headers = [m[1] for m in loaded], [m[2] for m in loaded]
     if len({(p.epoch, p.batch) for p in progress}) != 1:
         raise CheckpointError(f"the members in {folder} are at different positions; resume each alone, or --fresh")
+    _refuse_finished(folder, progress[0], max(int(m[0].step) for m in loaded), rc.num_epochs, su.budget)
     for path in paths:
         checkpoint.remove_stale_temporaries(path)
     states = stack_trees([m[0] for m in loaded])

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import sentencepiece as spm
 
-from minifn.files import write_atomically
+from minifn.files import check_output_location, write_atomically
 
 if TYPE_CHECKING:
     from minifn.corpus import Corpus, TokenSequence
@@ -238,6 +239,10 @@ def _training_failure(error: RuntimeError, model_type: str, vocab_size: int | No
     if model_type == "char" and "vocab_size" in (message[0] if message else ""):
         reason = (f"vocab size {vocab_size} is too small for a character model of these inputs (it needs 4 special "
                   "pieces, 256 byte pieces and one per character); leave the vocab size out")
+    needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", reason)
+    if needed:  # sentencepiece's advice names its own --character_coverage, which minifn does not expose
+        reason = (f"vocab size {vocab_size} is too small for these inputs, which need {needed.group(1)} pieces (one "
+                  f"per character, 256 byte pieces and the special ones); use --vocab-size {needed.group(1)} or more")
     return TokenizerError(f"tokenizer training failed: {(reason or str(error).strip() or 'no reason given')[:200]}")
 
 
@@ -255,6 +260,7 @@ def train_tokenizer(inputs, vocab_size: int | None, output: str | os.PathLike, m
         raise TokenizerError(f"model type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
     if vocab_size is None and model_type != "char":
         raise TokenizerError(f"a {model_type} tokenizer needs a vocabulary size")
+    check_output_location(output)  # before the training, not after it
     if output.is_dir():
         raise TokenizerError(f"output {output} is a directory; give the model's file name")
     if 0 < input_sentence_size <= 100:

@@ -155,7 +155,7 @@ def test_train_tokenizer_round_trips(tmp_path, model_type):
 def test_train_tokenizer_too_small_vocab_is_a_clear_error(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text\n" * 50)
-    with pytest.raises(tok.TokenizerError, match="Vocabulary size is smaller than required_chars"):
+    with pytest.raises(tok.TokenizerError, match=r"vocab size 50 is too small .* use --vocab-size \d+ or more"):
         tok.train_tokenizer([str(corpus)], 50, tmp_path / "small.model")
 
 

@@ -53,7 +53,8 @@ def evaluate(checkpoint_path, tokenizer, dataset, batch_stride, batch_size, devi
 
 @cli.command()
 @click.argument("metrics", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("-o", "--output", default="loss.png", show_default=True, help="PNG to write (or a folder for loss.png).")
+@click.option("-o", "--output", default="loss.png", show_default=True,
+              help="Picture to write: PNG, or the format its suffix names (.svg, .pdf...); a folder gets loss.png.")
 @one_line_errors
 def plot(metrics, output):
     """Plot the loss curves of METRICS.jsonl files (or of every run in a sweep's folder) against steps."""

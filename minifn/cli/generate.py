@@ -7,6 +7,7 @@ import sys
 import click
 
 from minifn.cli.base import DEFAULT_CHECKPOINT, UserError, cli, load_model, one_line_errors, weights_option
+from minifn.cli.types import FiniteFloat
 
 
 @cli.command()
@@ -14,10 +15,10 @@ from minifn.cli.base import DEFAULT_CHECKPOINT, UserError, cli, load_model, one_
 @click.option("--tokenizer", default=None, help="The model's SentencePiece file, if it moved (checked by sha256).")
 @click.option("--prompt", required=True, help="Text to continue; '-' reads it from stdin.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.8, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: no top-k filter.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--greedy", is_flag=True, help="Always take the most likely token (temperature 0).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -31,7 +32,7 @@ def generate(checkpoint_path, tokenizer, prompt, max_tokens, temperature, top_k,
     """Continue a prompt with a trained model, streaming text as it is produced."""
     import torch
 
-    from minifn.generate import TextStream, make_decode_step
+    from minifn.generate import TextStream, check_prompt, make_decode_step
     from minifn.generate import generate as generate_ids
     from minifn.run import resolve_device
 
@@ -45,6 +46,7 @@ def generate(checkpoint_path, tokenizer, prompt, max_tokens, temperature, top_k,
         raise UserError(f"the prompt is not valid UTF-8 (bad byte at character {e.start}); "
                         "pass UTF-8 text or pipe it with --prompt -") from None
     prompt_ids = tok.encode(prompt)
+    check_prompt(prompt_ids, config)  # before the prompt is echoed, so an error is a line of its own
     stream = TextStream(tok.decode, prompt_ids)
     click.echo(prompt, nl=False)
     count, last = 0, None

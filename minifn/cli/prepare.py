@@ -8,6 +8,7 @@ import time
 import click
 
 from minifn.cli.base import UserError, cli, one_line_errors
+from minifn.cli.types import FiniteFloat
 
 
 class _ProgressBar:
@@ -35,7 +36,7 @@ class _ProgressBar:
 @click.option("--output", "-o", required=True, help="The corpus directory to create.")
 @click.option("--tokenizer", default="mistral", show_default=True,
               help="SentencePiece model file, or 'mistral' for the bundled default.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--val-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None,
               help="Hold out this fraction of the tokens for validation: the last whole documents, or the "
                    "last tokens of few long ones.")
 @click.option("--val-tokens", type=click.IntRange(min=2), default=None,

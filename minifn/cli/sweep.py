@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 
@@ -16,14 +17,21 @@ FIELDS = [f for f in cli_fields() if f.name != "model"]
 
 
 def _values(name: str, text, kind) -> list:
-    """A comma-separated list of the setting's type (one value is a list of one)."""
+    """A comma-separated list of the setting's type (one value is a list of one). An empty entry
+    ('0.003,,0.01') is refused rather than dropped: it is a typo, perhaps of a value the user meant to
+    sweep; nan and inf are refused as flags refuse them."""
     flag = f"--{name.replace('_', '-')}"
+    entries = [v.strip() for v in str(text).split(",")]
+    if not any(entries):
+        raise click.BadParameter(f"{flag} needs at least one value, got {text!r}")
+    if "" in entries:
+        raise click.BadParameter(f"{flag} has an empty entry in {text!r}; separate the values with single commas")
     try:
-        values = [kind(v) for v in str(text).split(",") if v.strip()]
+        values = [kind(v) for v in entries]
     except ValueError:
         raise click.BadParameter(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise click.BadParameter(f"{flag} needs at least one value, got {text!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"{flag} takes finite numbers, got {text!r}")
     return values
 
 

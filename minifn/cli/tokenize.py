@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from minifn.cli.base import cli, one_line_errors
+from minifn.cli.base import UserError, cli, one_line_errors
 
 ROUND_TRIP_LIMIT = 20_000_000  # tokens; a longer file's round trip would hold it all in memory twice
+WRITE_IDS = 1 << 20  # ids formatted and written at a time
 
 
 @cli.command()
@@ -20,10 +21,13 @@ ROUND_TRIP_LIMIT = 20_000_000  # tokens; a longer file's round trip would hold i
 @one_line_errors
 def tokenize(model, input_path, output, show):
     """Tokenize a text file and report what the model sees."""
-    import numpy as np
-
+    from minifn.files import check_output_location
     from minifn.tokenizer import encode_file, load_tokenizer, read_text
 
+    if output:  # before the work, not after it
+        check_output_location(output)
+        if Path(output).is_dir():
+            raise UserError(f"cannot write {output}: it is a folder; give the ids file's name")
     tok = load_tokenizer(model)
     encoded = encode_file(tok, input_path)
     ids = encoded.ids
@@ -37,14 +41,23 @@ def tokenize(model, input_path, output, show):
     else:
         click.echo(f"Round trip: not checked (over {ROUND_TRIP_LIMIT} tokens)")
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        if output.endswith(".npy"):
-            np.save(output, np.concatenate(list(ids.blocks())).astype(np.int32))
-        else:
-            with open(output, "w") as f:
-                for at in range(0, len(ids), 1 << 20):
-                    f.write("".join(f"{i}\n" for i in ids[at : at + (1 << 20)].tolist()))
+        write_ids(ids, output)
         click.echo(f"Wrote {len(ids)} ids to {output}")
+
+
+def write_ids(ids, output: str) -> None:
+    """The ids as .npy (int32), or one per line otherwise, through a temporary file renamed on success:
+    a Ctrl-C or a full disk leaves the old file (or none), never half of the ids."""
+    import numpy as np
+
+    from minifn.files import atomic_file
+
+    with atomic_file(output, "wb") as f:
+        if output.endswith(".npy"):
+            np.save(f, np.concatenate(list(ids.blocks())).astype(np.int32))
+        else:
+            for at in range(0, len(ids), WRITE_IDS):
+                f.write("".join(f"{i}\n" for i in ids[at : at + WRITE_IDS].tolist()).encode())
 
 
 @cli.group()
@@ -65,7 +78,6 @@ def tokenizer():
 @one_line_errors
 def tokenizer_train(inputs, vocab_size, model_type, output, text_field, input_sentence_size):
     """Train a SentencePiece model (byte fallback, so any text encodes)."""
-    from minifn.cli.base import UserError
     from minifn.tokenizer import load_tokenizer, train_tokenizer
 
     if vocab_size is None and model_type != "char":

@@ -11,7 +11,7 @@ inside the outer transform). What torchopt's differentiable optimizers exist for
 
 Cost: the outer backward keeps all k steps alive, so memory grows linearly with k (every step's activations,
 its inner backward graph and its state: about 20 MB per step at the default size), and the call takes a
-few times the k plain steps (3.5x at the default size, on 2 CPU cores; the script prints both). It runs
+few times the k plain steps (3-5x at the default size, on 2 CPU cores; the script prints both). It runs
 eagerly (a func transform cannot wrap a compiled step), in float64 so that the finite-difference check is
 meaningful, and with SDPA's math kernel, since the fused CPU attention kernel has no double backward.
 The script prints its wall times and peak memory.

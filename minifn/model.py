@@ -188,17 +188,25 @@ def _bound(config: ModelConfig, params: Params, args: tuple, kwargs: dict):
     """functional_call on the config's skeleton, with the key check done once here: functional_call's own
     (strict=True, and tie_weights, which the skeleton has none of) walks the module tree four times: a fifth
     of the functions dynamo inlined in a train step."""
-    module = skeleton(config)
-    if params.keys() != module.names:
-        missing, unexpected = module.names - params.keys(), params.keys() - module.names
+    check_params(params, config)
+    return functional_call(skeleton(config), params, args, kwargs, tie_weights=False)
+
+
+def check_params(params: Params, config: ModelConfig) -> None:
+    """Raise KeyError unless params has exactly the names the config's model has."""
+    names = skeleton(config).names
+    if params.keys() != names:
+        missing, unexpected = names - params.keys(), params.keys() - names
         raise KeyError(f"the parameter tree does not fit the config: missing {sorted(missing)}, "
                        f"unexpected {sorted(unexpected)}")
-    return functional_call(module, params, args, kwargs, tie_weights=False)
 
 
 def apply(params: Params, tokens_BT: Tensor, config: ModelConfig, *, dropout_rate: float = 0.0,
           key: Tensor | None = None) -> Tensor:
     """Logits [B, T, V] for token ids [B, T]; pure in params, tokens and key (dropout only with a key)."""
+    if tokens_BT.ndim != 2 or tokens_BT.shape[1] > config.max_seq_len:
+        raise ValueError(f"apply takes token ids [B, T] with T at most max_seq_len {config.max_seq_len}, "
+                         f"got shape {tuple(tokens_BT.shape)}")
     return _bound(config, params, (tokens_BT,), {"dropout_rate": dropout_rate, "key": key})
 
 

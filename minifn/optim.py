@@ -460,6 +460,9 @@ def set_hyperparams(state: Tree, **values: float) -> Tree:
     not_hyper = sorted(set(values) - set(HYPERPARAMETERS))
     if not_hyper:
         raise ValueError(f"{', '.join(not_hyper)}: not a hyperparameter (those are {', '.join(HYPERPARAMETERS)})")
+    warmup = values.get("warmup_steps", 0)
+    if warmup < 0 or warmup != int(warmup):
+        raise ValueError(f"warmup_steps must be a whole number of steps, got {values['warmup_steps']}")
     present = {f for s in _states(state) for f in s._fields if isinstance(getattr(s, f), Tensor)}
     missing = sorted(set(values) - present)
     if missing:

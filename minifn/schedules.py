@@ -20,13 +20,18 @@ def constant() -> Schedule:
 
 def step_decay(step_size: int, gamma: float = 0.1) -> Schedule:
     """lr * gamma ** (step // step_size)."""
-    return lambda step, lr: lr * gamma ** torch.div(step, step_size, rounding_mode="floor")
+    if step_size < 1:
+        raise ValueError(f"step_size must be at least 1, got {step_size}")
+    return lambda step, lr: lr * gamma ** torch.div(step, step_size, rounding_mode="floor").to(lr.dtype)
 
 
 def cosine(t_max: int, eta_min: float = 0.0) -> Schedule:
     """eta_min + (lr - eta_min) * (1 + cos(pi * step / t_max)) / 2, periodic past t_max as in torch.
 
     Written as sin^2(pi * (t_max - step) / (2 t_max)) so it keeps full precision near eta_min."""
+    if t_max < 1:
+        raise ValueError(f"t_max must be at least 1, got {t_max}")
+
     def schedule(step, lr):
         return eta_min + (lr - eta_min) * torch.sin(math.pi * (t_max - step.to(lr.dtype)) / (2 * t_max)) ** 2
 
@@ -35,6 +40,8 @@ def cosine(t_max: int, eta_min: float = 0.0) -> Schedule:
 
 def linear(start_factor: float = 1.0 / 3, end_factor: float = 1.0, total_iters: int = 5) -> Schedule:
     """lr * factor, the factor moving linearly from start_factor to end_factor over total_iters steps."""
+    if total_iters < 1:
+        raise ValueError(f"total_iters must be at least 1, got {total_iters}")
 
     def schedule(step, lr):
         progress = step.clamp(max=total_iters).to(lr.dtype) / total_iters

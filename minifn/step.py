@@ -25,7 +25,7 @@ from minifn import noise, optim, rng, trees
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import IGNORE_INDEX, Loss, cross_entropy
-from minifn.model import Params, apply, skeleton
+from minifn.model import Params, apply, check_params, skeleton
 from minifn.rng import fold_in
 
 Batch = tuple[Tensor, Tensor]  # (inputs, targets): [B, T], or [A, B, T] for A accumulation micro-batches
@@ -51,6 +51,8 @@ def init_state(params: Params, optimizer: optim.GradientTransformation, seed: in
 
 def with_ema(state: TrainState, decay: float) -> TrainState:
     """state with an average of decay (started from the current parameters if it has none), or none for 0."""
+    if not 0 <= decay < 1:
+        raise ValueError(f"the EMA's decay must be in [0, 1) (0: no average), got {decay}")
     if not decay:
         return state._replace(ema=(), ema_decay=())
     ema = state.ema if optree.tree_leaves(state.ema) else optree.tree_map(torch.clone, state.params)
@@ -211,6 +213,38 @@ def eval_step(params: Params, batch: Batch, *, config: ModelConfig, loss_fn: Los
     return {"loss_sum": loss_fn(logits, targets, reduction="sum"), "tokens": (targets != IGNORE_INDEX).sum()}
 
 
+def check_batch(batch, config: ModelConfig) -> None:
+    """Raise ValueError unless batch is (inputs, targets) the model can take: integer ids of one shape, [B, T]
+    or [A, B, T] with T at most max_seq_len, inputs in [0, V) and targets there or IGNORE_INDEX. A compiled
+    step checks none of this: an id out of range would train on nothing or abort the process. On a GPU the
+    range check is asynchronous (no sync per step): a bad id fails the device's next synchronisation."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
+        raise ValueError(f"a batch is a pair (inputs, targets) of token-id tensors, got {type(batch).__name__}")
+    inputs, targets = batch
+    if inputs.shape != targets.shape or inputs.ndim not in (2, 3):
+        raise ValueError(f"inputs and targets must have one shape, [B, T] or [A, B, T] for A micro-batches; got "
+                         f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
+    if inputs.dtype not in (torch.int64, torch.int32) or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token ids must be int64 or int32, got {inputs.dtype} and {targets.dtype}")
+    if inputs.shape[-1] > config.max_seq_len:
+        raise ValueError(f"windows of {inputs.shape[-1]} tokens are longer than max_seq_len {config.max_seq_len}")
+    v = config.vocab_size
+    bad = ((inputs < 0) | (inputs >= v)).any() | (((targets < 0) | (targets >= v)) & (targets != IGNORE_INDEX)).any()
+    message = f"a token id in the batch is outside the vocabulary [0, {v}) (targets may also be {IGNORE_INDEX})"
+    if inputs.device.type != "cpu":
+        torch._assert_async(~bad, message)
+    elif bad:
+        raise ValueError(message)
+
+
+def check_step_settings(reduction: str, dropout_rate) -> None:
+    """Raise ValueError for a reduction or dropout rate the step would silently misread."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not isinstance(dropout_rate, Tensor) and not 0 <= dropout_rate < 1:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+
+
 def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation, loss_fn: Loss = cross_entropy,
                     *, reduction: str = "mean", autocast_dtype: torch.dtype | None = None, dropout_rate: float = 0.0,
                     inplace: bool = False, ema_debias: bool = True, log_gns: bool = False, compile: str = "auto",
@@ -236,13 +270,21 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
         compiled halves with the collective between them, outside the compiled graphs.
       rank: data parallel only: folded into the step's key, so ranks draw different dropout masks."""
     skeleton(config)  # build the module skeleton outside any compiled region
+    check_step_settings(reduction, dropout_rate)
     device = torch.device(device)
     options = DROPOUT_OPTIONS if dropout_rate else None
     if all_reduce is None:
-        step = functools.partial(train_step, config=config, optimizer=optimizer, loss_fn=loss_fn, reduction=reduction,
-                                 autocast_dtype=autocast_dtype, dropout_rate=dropout_rate, inplace=inplace,
-                                 ema_debias=ema_debias, log_gns=log_gns)
-        return maybe_compile(step, compile, device, options)
+        step = maybe_compile(functools.partial(
+            train_step, config=config, optimizer=optimizer, loss_fn=loss_fn, reduction=reduction,
+            autocast_dtype=autocast_dtype, dropout_rate=dropout_rate, inplace=inplace, ema_debias=ema_debias,
+            log_gns=log_gns), compile, device, options)
+
+        def checked_step(state: TrainState, batch: Batch):
+            check_params(state.params, config)  # the user's mistakes, before the compiler sees them
+            check_batch(batch, config)
+            return step(state, batch)
+
+        return checked_step
     grads_fn = maybe_compile(functools.partial(loss_and_grads, config=config, loss_fn=loss_fn,
                                                autocast_dtype=autocast_dtype, dropout_rate=dropout_rate,
                                                log_gns=log_gns), compile, device, options)
@@ -250,6 +292,8 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
                                                inplace=inplace, ema_debias=ema_debias), compile, device)
 
     def data_parallel_step(state: TrainState, batch: Batch):
+        check_params(state.params, config)
+        check_batch(batch, config)
         key = fold_in(step_key(state), rank) if dropout_rate else None
         grads, loss_sum, tokens, small = grads_fn(state.params, batch, key)
         all_reduce([*optree.tree_leaves(grads), loss_sum, tokens, *([] if small is None else [small])])
@@ -262,5 +306,12 @@ def make_eval_step(config: ModelConfig, loss_fn: Loss = cross_entropy, *, autoca
                    compile: str = "auto", device: torch.device | str = "cpu"):
     """eval_step bound to a config and loss, compiled per `compile`: step(params, batch) -> sums."""
     skeleton(config)
-    step = functools.partial(eval_step, config=config, loss_fn=loss_fn, autocast_dtype=autocast_dtype)
-    return maybe_compile(step, compile, torch.device(device))
+    step = maybe_compile(functools.partial(eval_step, config=config, loss_fn=loss_fn, autocast_dtype=autocast_dtype),
+                         compile, torch.device(device))
+
+    def checked_step(params: Params, batch: Batch):
+        check_params(params, config)
+        check_batch(batch, config)
+        return step(params, batch)
+
+    return checked_step

@@ -30,8 +30,8 @@ from minifn import optim
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import Loss, cross_entropy
-from minifn.model import Params, skeleton
-from minifn.step import Batch, TrainState, init_state, train_step
+from minifn.model import Params, check_params, skeleton
+from minifn.step import Batch, TrainState, check_batch, init_state, train_step
 from minifn.trees import stack_trees
 
 
@@ -146,4 +146,10 @@ def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation
                              autocast_dtype=autocast_dtype, ema_debias=ema_debias, log_gns=log_gns,
                              math_attention=math_attention, inplace=inplace)
     compiled = maybe_compile(step, compile, device, None if rates is None else DROPOUT_OPTIONS)
-    return compiled if rates is None else (lambda states, batch: compiled(states, batch, rates))
+
+    def checked_step(states: TrainState, batch: Batch):
+        check_params(states.params, config)
+        check_batch(batch, config)
+        return compiled(states, batch) if rates is None else compiled(states, batch, rates)
+
+    return checked_step

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import minifn.step as step_module
 from conftest import COMPILED_VS_EAGER_ADAM, tiny_config, unique_graphs
 from conftest import relative_error as rel
-from minifn import optim
+from minifn import optim, schedules
 from minifn.checkpoint import load_state, make_header
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import Config, OptimConfig
@@ -24,7 +24,7 @@ from minifn.model import init_params
 from minifn.reference import ReferenceTransformer
 from minifn.rng import fold_in
 from minifn.run import optimizer_from_config
-from minifn.step import init_state, make_train_step, train_step
+from minifn.step import init_state, make_eval_step, make_train_step, train_step
 
 CONFIG = tiny_config()
 ADAMW = optim.adamw(lr=3e-3, weight_decay=0.1)
@@ -341,3 +341,52 @@ def test_eager_gradients_through_autograd_equal_functorchs():
     vmapped = torch.func.vmap(lambda p: step_module.loss_and_grads(p, batch, torch.tensor(3), config=CONFIG,
                                                                    dropout_rate=0.1)[0])(stacked)
     assert rel({k: v[1] for k, v in vmapped.items()}, grads) < 1e-6
+
+
+def test_a_batch_the_model_cannot_take_is_refused_before_the_step():
+    """Out-of-range ids train on nothing compiled (and abort the process in an embedding): the factory's
+    step checks the batch first, eager or compiled alike, and leaves the state untouched."""
+    from minifn.sweep import make_sweep_step, sweep_states
+
+    step, evaluate = make_train_step(CONFIG, ADAMW, compile="off"), make_eval_step(CONFIG, compile="off")
+    sweep = make_sweep_step(CONFIG, ADAMW, compile="off")
+    state = init_state(init_params(CONFIG, 0), ADAMW)
+    before = optree.tree_map(torch.clone, state)
+    x, y = next(batches(random_tokens(), 16, 8, 4))
+    V, T = CONFIG.vocab_size, CONFIG.max_seq_len
+    bad = [
+        ((x, torch.full_like(y, V)), "outside the vocabulary"),
+        ((x, torch.full_like(y, -1)), "outside the vocabulary"),
+        ((torch.full_like(x, V), y), "outside the vocabulary"),
+        (x, r"a pair \(inputs, targets\)"),
+        ((x[:, :8], y), "one shape"),
+        ((x.float(), y), "int64 or int32"),
+        ((torch.zeros(2, T + 1, dtype=torch.long),) * 2, f"longer than max_seq_len {T}"),
+    ]
+    for batch, message in bad:
+        with pytest.raises(ValueError, match=message):
+            step(state, batch)
+        with pytest.raises(ValueError, match=message):
+            evaluate(state.params, batch)
+        with pytest.raises(ValueError, match=message):
+            sweep(sweep_states(state.params, ADAMW, [{"lr": 1e-3}, {"lr": 1e-2}]), batch)
+    assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(state), optree.tree_leaves(before)))
+    ignored = y.clone()
+    ignored[:, :3] = IGNORE_INDEX
+    step(state, (x, ignored))  # IGNORE_INDEX targets are fine
+    with pytest.raises(KeyError, match="does not fit the config"):
+        step(state._replace(params={k: v for k, v in state.params.items() if k != "norm.weight"}), (x, y))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: make_train_step(CONFIG, ADAMW, dropout_rate=1.0), r"dropout_rate must be in \[0, 1\)"),
+    (lambda: make_train_step(CONFIG, ADAMW, dropout_rate=-0.1), r"dropout_rate must be in \[0, 1\)"),
+    (lambda: make_train_step(CONFIG, ADAMW, reduction="avg"), "reduction must be 'mean' or 'sum'"),
+    (lambda: init_state(init_params(CONFIG, 0), ADAMW, ema=1.0), r"decay must be in \[0, 1\)"),
+    (lambda: schedules.linear(0.5, 1.0, total_iters=0), "total_iters must be at least 1"),
+    (lambda: schedules.cosine(0), "t_max must be at least 1"),
+    (lambda: optim.set_hyperparams(ADAMW.init(init_params(CONFIG, 0)), warmup_steps=2.7), "whole number"),
+])
+def test_settings_the_step_would_misread_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

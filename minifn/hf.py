@@ -97,7 +97,14 @@ def from_hf_state_dict(state: dict[str, Tensor], config: ModelConfig, kv_heads: 
     missing = sorted(wanted - set(state))
     if missing:
         raise HFError(f"the weights lack {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    ignored = {"lm_head.weight"} if config.tie_embeddings else set()  # transformers ties it to the embedding too
+    ignored = set()
+    if config.tie_embeddings and "lm_head.weight" in state:
+        # transformers versions disagree on a tied config that also stores a head (older ones tie it to the
+        # embedding, 5.x keeps it): only a copy of the embedding computes the same under both
+        if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+            raise HFError("config.json says tie_word_embeddings=true, but the weights hold an lm_head.weight that "
+                          "differs from model.embed_tokens.weight; set tie_word_embeddings to false to keep the head")
+        ignored = {"lm_head.weight"}
     unknown = sorted(k for k in set(state) - wanted - ignored if not k.endswith("rotary_emb.inv_freq"))
     if unknown:
         raise HFError(f"the weights hold {unknown[0]}, which a Llama model with this config.json does not have")
@@ -158,8 +165,16 @@ def from_hf_config(hf: dict) -> ModelConfig:
         _refuse("architectures", architectures, "only " + " and ".join(ARCHITECTURES))
     mistral = architectures[0] == "MistralForCausalLM"
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(hf.get(field), int):
+        if field not in hf:
             raise HFError(f"config.json lacks {field}")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"):
+        value = hf.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise HFError(f"config.json: {field}={json.dumps(value)} must be a positive whole number")
+    eps = hf.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+        raise HFError(f"config.json: rms_norm_eps={json.dumps(eps)} must be a positive number")
     if hf.get("hidden_act", "silu") != "silu":
         _refuse("hidden_act", hf["hidden_act"], "minifn's feed-forward is SwiGLU with silu")
     if hf.get("rope_scaling"):
@@ -187,9 +202,13 @@ def from_hf_config(hf: dict) -> ModelConfig:
         _refuse("mlp_bias", hf.get("mlp_bias", False), f"minifn's bias flag covers attention and MLP together, and "
                 f"attention_bias is {json.dumps(bias)}")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        _refuse("rope_theta", theta, "it must be a positive number")
+    if head_dim % 2:
+        _refuse("head_dim", head_dim, "rotary embeddings rotate pairs, so a head's size must be even")
     return ModelConfig(vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
                        num_heads=heads, head_dim=head_dim, ff_dim=hf["intermediate_size"], max_seq_len=max_positions,
-                       bias=bias, eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+                       bias=bias, eps=float(eps), rope_theta=float(theta),
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 

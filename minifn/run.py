@@ -296,10 +296,16 @@ def setup(config: Config, device: torch.device | None = None, rank: int = 0, wor
                           "set --grad-accum-steps 2 or more (or train with --nproc 2 or more)")
     tok = load_tokenizer(dc.tokenizer)
     tok_path = str((mistral_model_path() if dc.tokenizer == MISTRAL else Path(dc.tokenizer)).resolve())
+    def refuse_eval_without_validation():
+        if rc.eval_every or rc.eval_tokens:
+            raise ConfigError(f"{'--eval-every' if rc.eval_every else '--eval-tokens'} needs a validation split; "
+                              "set --val-fraction (or train on a prepared corpus that has one)")
+
+    if not dc.val_fraction and not Path(dc.dataset).is_dir():  # a text file: known before tokenizing it
+        refuse_eval_without_validation()
     data = load_data(dc, tok)
-    if data.val is None and (rc.eval_every or rc.eval_tokens):
-        raise ConfigError(f"{'--eval-every' if rc.eval_every else '--eval-tokens'} needs a validation split; set "
-                          "--val-fraction (or train on a prepared corpus that has one)")
+    if data.val is None:
+        refuse_eval_without_validation()
     if dc.batch_stride > config.model.max_seq_len:
         raise ConfigError(f"--batch-stride {dc.batch_stride} is larger than --max-seq-len {config.model.max_seq_len}:"
                           " tokens between windows would never be trained on")

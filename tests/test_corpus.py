@@ -505,3 +505,29 @@ def test_open_dataset_takes_a_corpus_directory_or_a_text_file(mistral, prepared,
     assert from_dir.val is not None and from_file.val is None
     assert from_file.train[:].tolist() == mistral.encode(story.read_text())
     assert from_file.path.parent == tmp_path / "cache" / "tokens"
+
+
+MANY_SHARDS = """
+import os, resource, sys
+from minifn.corpus import open_corpus
+from minifn.data import batches
+from minifn.prepare import prepare
+from minifn.tokenizer import load_tokenizer
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 40, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+manifest = prepare([sys.argv[1]], sys.argv[2], load_tokenizer(), shard_tokens=2, val_fraction=0.2)
+corpus = open_corpus(manifest.path)
+shards = len(corpus.manifest.shards("train"))
+assert shards > 100, shards
+rows = sum(len(x) for x, _ in batches(corpus.train, 16, 8, 4, shuffle=True))
+print("read", shards, "shards,", rows, "windows")
+"""
+
+
+def test_a_corpus_of_more_shards_than_open_files_allowed_prepares_and_reads(tmp_path):
+    """Shards are opened per read, not held open: over 100 shards of 2 tokens with room for 40 more open files
+    than the process holds when it starts."""
+    story = shared_file("mini-owl.md")
+    result = subprocess.run([sys.executable, "-c", MANY_SHARDS, str(story), str(tmp_path / "c")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("read "), result.stdout + result.stderr

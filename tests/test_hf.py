@@ -271,6 +271,13 @@ def test_import_cli_writes_a_checkpoint_that_generate_and_eval_load(tmp_path, ti
     (lambda c: c.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16),
      "sliding_window"),
     (lambda c: c.update(num_hidden_layers=3), "model.layers.2"),
+    (lambda c: c.update(rms_norm_eps=None), "rms_norm_eps=null must be a positive number"),
+    (lambda c: c.update(hidden_size="32"), 'hidden_size="32" must be a positive whole number'),
+    (lambda c: c.update(num_key_value_heads=0), "num_key_value_heads=0 must be a positive whole number"),
+    (lambda c: c.update(head_dim=3), "head_dim=3 is not supported"),
+    (lambda c: c.setdefault("rope_parameters", {"rope_type": "default"}).update(rope_theta="abc"), "rope_theta"),
+    # an untied model's folder relabelled as tied: transformers 5 keeps its head, older versions drop it
+    (lambda c: c.update(tie_word_embeddings=True), "set tie_word_embeddings to false"),
     (None, "tokenizer.model"),
     ("{not json", "not valid JSON"),
 ])

@@ -237,6 +237,13 @@ def check_batch(batch, config: ModelConfig) -> None:
         raise ValueError(message)
 
 
+def check_inputs(params: Params, batch, config: ModelConfig) -> None:
+    """check_params and check_batch: what the steps' factories run before every call, outside any compiled
+    code, so a user's mistake is a clear error rather than a failed trace or a silent wrong step."""
+    check_params(params, config)
+    check_batch(batch, config)
+
+
 def check_step_settings(reduction: str, dropout_rate) -> None:
     """Raise ValueError for a reduction or dropout rate the step would silently misread."""
     if reduction not in ("mean", "sum"):
@@ -280,8 +287,7 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
             log_gns=log_gns), compile, device, options)
 
         def checked_step(state: TrainState, batch: Batch):
-            check_params(state.params, config)  # the user's mistakes, before the compiler sees them
-            check_batch(batch, config)
+            check_inputs(state.params, batch, config)
             return step(state, batch)
 
         return checked_step
@@ -292,8 +298,7 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
                                                inplace=inplace, ema_debias=ema_debias), compile, device)
 
     def data_parallel_step(state: TrainState, batch: Batch):
-        check_params(state.params, config)
-        check_batch(batch, config)
+        check_inputs(state.params, batch, config)
         key = fold_in(step_key(state), rank) if dropout_rate else None
         grads, loss_sum, tokens, small = grads_fn(state.params, batch, key)
         all_reduce([*optree.tree_leaves(grads), loss_sum, tokens, *([] if small is None else [small])])
@@ -310,8 +315,7 @@ def make_eval_step(config: ModelConfig, loss_fn: Loss = cross_entropy, *, autoca
                          compile, torch.device(device))
 
     def checked_step(params: Params, batch: Batch):
-        check_params(params, config)
-        check_batch(batch, config)
+        check_inputs(params, batch, config)
         return step(params, batch)
 
     return checked_step

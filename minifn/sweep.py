@@ -30,8 +30,8 @@ from minifn import optim
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import Loss, cross_entropy
-from minifn.model import Params, check_params, skeleton
-from minifn.step import Batch, TrainState, check_batch, init_state, train_step
+from minifn.model import Params, skeleton
+from minifn.step import Batch, TrainState, check_inputs, init_state, train_step
 from minifn.trees import stack_trees
 
 
@@ -148,8 +148,7 @@ def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation
     compiled = maybe_compile(step, compile, device, None if rates is None else DROPOUT_OPTIONS)
 
     def checked_step(states: TrainState, batch: Batch):
-        check_params(states.params, config)
-        check_batch(batch, config)
+        check_inputs(states.params, batch, config)
         return compiled(states, batch) if rates is None else compiled(states, batch, rates)
 
     return checked_step

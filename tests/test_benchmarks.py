@@ -26,6 +26,7 @@ SCRIPTS = [
     ("gemm_backends.py", ["--configs", "tiny", "--rounds", "2"], "## Matrix products: MKL against oneDNN ("),
     ("loss_forms.py", ["--configs", "tiny", "--rounds", "2"], "## Cross-entropy: F.cross_entropy against logsumexp"),
     ("attention.py", ["--configs", "tiny", "--rounds", "2"], "## Attention under a CPU bfloat16 autocast"),
+    ("input_checks.py", ["--configs", "tiny", "--repeats", "5", "--steps", "1"], "## Input checks against the step"),
     ("paired.py", ["--config", "tiny", "--variants", "a,d", "--rounds", "3"], "## Paired steps: tiny, (d) against (a)"),
 ]
 

@@ -20,5 +20,3 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return super().convert(number, param, ctx)
 
-
-FINITE_FLOAT = FiniteFloat()

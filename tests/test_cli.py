@@ -122,6 +122,9 @@ def test_config_file_and_environment_feed_defaults(story, tmp_path):
     config.write_text("learning_rate = 1\n")
     bad = train(story, ckpt, "--config", config, ok=False)
     assert bad.exit_code == 2 and "unknown keys: learning_rate" in bad.output
+    config.write_text("lr = nan\n")  # TOML has nan; the file is held to the flag's type
+    bad = train(story, ckpt, "--config", config, ok=False)
+    assert bad.exit_code == 2 and "nan is not a finite number" in bad.output
 
 
 def test_compiled_cli_run_and_epochs_alias(story, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from minifn.cli.types import FiniteFloat
 from minifn.config import flag
 
 DEFAULT_CHECKPOINT = "checkpoints/mini.pt"
@@ -87,7 +88,7 @@ def setting_options(fields: list[dataclasses.Field], lists: tuple[str, ...] = ()
                 decls, kwargs = [f"{flag(f.name)}/--no-{f.name.replace('_', '-')}"], {}
             else:
                 kind = click.Choice(meta["choices"]) if meta["choices"] else (
-                    click.FLOAT if isinstance(default, float) else click.STRING if isinstance(default, str)
+                    FiniteFloat() if isinstance(default, float) else click.STRING if isinstance(default, str)
                     else click.INT)
                 decls, kwargs = [flag(f.name)], {"type": kind}
             fn = click.option(*decls, *meta["aliases"], f.name, default=default, show_default=default is not None,

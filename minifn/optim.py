@@ -99,6 +99,26 @@ def _zeros(params: Tree) -> Tree:
     return optree.tree_map(torch.zeros_like, params)
 
 
+def _present(field) -> bool:
+    """Whether an optional state field was built (an absent one is ())."""
+    return not (type(field) is tuple and len(field) == 0)
+
+
+def _expect(state, kind: type, **built: bool) -> None:
+    """Refuse a state that another optimizer's init made: a kind other than this block's, or one whose
+    optional fields (name=whether this block was built with it) differ. Unchecked, it fails later in an
+    obscure TypeError, or silently (an amsgrad step over an absent running max updates nothing)."""
+    if isinstance(state, kind) and all(_present(getattr(state, f)) == want for f, want in built.items()):
+        return
+    def describe(kind, fields):
+        return kind.__name__ + (" (" + ", ".join(f"{f} {'built' if b else 'absent'}" for f, b in fields) + ")"
+                                if fields else "")
+
+    got = [(f, _present(getattr(state, f))) for f in built] if isinstance(state, kind) else []
+    raise TypeError(f"this update takes a {describe(kind, built.items())}, got a {describe(type(state), got)}: "
+                    "step a state with the update of the optimizer whose init made it")
+
+
 def _once(scalar: Tensor) -> Tensor:
     """The same 0-D value, computed once per step. Inductor inlines scalar math into every consumer's
     element loop (two pow() per 16 floats of Adam); a reduction over [x, 0] is a buffer it must compute
@@ -169,6 +189,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, amsgrad=False) -> GradientTransfor
                                 _value(b1, params), _value(b2, params), _value(eps, params))
 
     def update(grads, state, params=None, *, inplace=False):
+        _expect(state, ScaleByAdamState, nu_max=amsgrad)
         g = trees.leaves(grads)
         count = state.count + 1
         bias1 = 1 - state.b1**count
@@ -205,6 +226,7 @@ def trace(momentum=0.9, dampening=0.0, nesterov=False) -> GradientTransformation
         return TraceState(_count(params), _zeros(params), _value(momentum, params), _value(dampening, params))
 
     def update(grads, state, params=None, *, inplace=False):
+        _expect(state, TraceState)
         g = trees.leaves(grads)
         first = state.count == 0  # then buf * 0 + g * 1, which is exactly g
         keep, damp = torch.where(first, 0.0, state.momentum), torch.where(first, 1.0, 1 - state.dampening)
@@ -228,6 +250,7 @@ def add_decayed_weights(weight_decay=0.0) -> GradientTransformation:
         return WeightDecayState(_value(weight_decay, params))
 
     def update(grads, state, params, *, inplace=False):
+        _expect(state, WeightDecayState)
         g, p = trees.leaves(grads), trees.leaves(params)
         return trees.rebuild(grads, foreach("add_", foreach("mul", p, _as(state.weight_decay, p)), g)), state
 
@@ -253,6 +276,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return (state.max_norm / (global_norm(grads) + 1e-6)).clamp(max=1.0)
 
     def update(grads, state, params=None, *, inplace=False):
+        _expect(state, ClipState)
         g = trees.leaves(grads)
         return trees.rebuild(grads, foreach("mul", g, _as(scale(g, state), g))), state
 
@@ -294,6 +318,7 @@ def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_d
         return ScaleByLearningRateState(_count(params), _value(lr, params), decay, warmup)
 
     def update(grads, state, params=None, *, inplace=False):
+        _expect(state, ScaleByLearningRateState, weight_decay=weight_decay is not None)  # warm-up: the state's
         g = trees.leaves(grads)
         constant = schedule is None and isinstance(state.warmup_steps, tuple)
         lr_t = state.lr if constant else _once(_scheduled_lr(state, schedule))
@@ -316,6 +341,12 @@ def current_lr(state: Tree, schedule: Schedule | None = None) -> Tensor:
     raise ValueError("this optimizer state has no learning rate")
 
 
+def _describe(state) -> str:
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        return f"a tuple of {len(state)}"
+    return f"a {type(state).__name__}"
+
+
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply transforms in order; the state is the tuple of their states. The chain has a fused_step when
     its last transform does (e.g. clipping before adamw): the others update, the last one fuses; when the
@@ -325,6 +356,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     def update(grads, state, params=None, *, inplace=False):
+        if not isinstance(state, tuple) or hasattr(state, "_fields") or len(state) != len(transforms):
+            raise TypeError(f"this chain of {len(transforms)} takes a tuple of {len(transforms)} states, got "
+                            f"{_describe(state)}: step a state with the update of the optimizer whose init made it")
         new_state = []
         for t, s in zip(transforms, state):
             grads, s = run_update(t, grads, s, params, inplace=inplace)
@@ -407,7 +441,12 @@ def _fused_adam(decoupled: bool, amsgrad: bool, schedule: Schedule | None):
     values bit for bit (without a grad_scale)."""
 
     def fused_step(grads, state, params, grad_scale=None):
+        if not isinstance(state, tuple) or hasattr(state, "_fields") or len(state) != 3 - decoupled:
+            raise TypeError(f"this chain of {3 - decoupled} takes a tuple of {3 - decoupled} states, got "
+                            f"{_describe(state)}: step a state with the update of the optimizer whose init made it")
         *l2, moments, rate = state
+        _expect(moments, ScaleByAdamState, nu_max=amsgrad)
+        _expect(rate, ScaleByLearningRateState, weight_decay=decoupled)
         decay = rate.weight_decay if decoupled else l2[0].weight_decay
         count = moments.count + 1
         leaves = trees.leaves

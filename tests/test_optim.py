@@ -341,3 +341,30 @@ def test_set_hyperparams_refuses_what_is_not_a_hyperparameter_or_absent():
         optim.set_hyperparams(optim.sgd(lr=0.1).init(params), b1=0.5)
     with pytest.raises(ValueError, match="built without max_norm"):
         optim.set_hyperparams(optim.adamw().init(params), max_norm=1.0)
+
+
+@pytest.mark.parametrize("made_by,stepped_by,message", [
+    (optim.adamw(), optim.sgd(momentum=0.9), "chain of 3 takes a tuple of 3 states, got a tuple of 2"),
+    (optim.sgd(), optim.adamw(), "takes a ScaleByAdamState .nu_max absent., got a WeightDecayState"),
+    # the silent one: an amsgrad update over a state without the running max would update nothing
+    (optim.adam(), optim.adam(amsgrad=True), "ScaleByAdamState .nu_max built., got a ScaleByAdamState .nu_max absent"),
+    (optim.adam(), optim.adamw(), "chain of 2 takes a tuple of 2 states, got a tuple of 3"),
+    (optim.chain(optim.scale_by_learning_rate(0.1)), optim.chain(optim.scale_by_learning_rate(0.1, weight_decay=0)),
+     "ScaleByLearningRateState .weight_decay built., got a ScaleByLearningRateState .weight_decay absent"),
+])
+@pytest.mark.parametrize("fused", [False, True], ids=["update", "fused"])
+def test_a_state_from_another_optimizer_is_refused_by_name(made_by, stepped_by, message, fused):
+    params, grads = {"w": torch.randn(4)}, {"w": torch.randn(4)}
+    before = params["w"].clone()
+    with pytest.raises(TypeError, match=message):
+        if fused:
+            optim.step_inplace(stepped_by, grads, made_by.init(params), params)
+        else:
+            stepped_by.update(grads, made_by.init(params), params)
+    assert torch.equal(params["w"], before)
+
+
+def test_a_warm_up_is_read_from_the_state_so_either_build_steps_it():
+    params, grads = {"w": torch.ones(2)}, {"w": torch.ones(2)}
+    updates, _ = optim.sgd(lr=1.0).update(grads, optim.sgd(lr=1.0, warmup_steps=4).init(params), params)
+    assert torch.allclose(updates["w"], torch.full((2,), -0.25))  # step 0 of a 4-step warm-up: lr / 4

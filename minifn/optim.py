@@ -106,8 +106,8 @@ def _present(field) -> bool:
 
 def _expect(state, kind: type, **built: bool) -> None:
     """Refuse a state that another optimizer's init made: a kind other than this block's, or one whose
-    optional fields (name=whether this block was built with it) differ. Unchecked, it fails later in an
-    obscure TypeError, or silently (an amsgrad step over an absent running max updates nothing)."""
+    optional fields (name=whether this block was built with it) differ, which would otherwise fail deep
+    in the update with an error that names neither optimizer."""
     if isinstance(state, kind) and all(_present(getattr(state, f)) == want for f, want in built.items()):
         return
     def describe(kind, fields):

@@ -346,7 +346,6 @@ def test_set_hyperparams_refuses_what_is_not_a_hyperparameter_or_absent():
 @pytest.mark.parametrize("made_by,stepped_by,message", [
     (optim.adamw(), optim.sgd(momentum=0.9), "chain of 3 takes a tuple of 3 states, got a tuple of 2"),
     (optim.sgd(), optim.adamw(), "takes a ScaleByAdamState .nu_max absent., got a WeightDecayState"),
-    # the silent one: an amsgrad update over a state without the running max would update nothing
     (optim.adam(), optim.adam(amsgrad=True), "ScaleByAdamState .nu_max built., got a ScaleByAdamState .nu_max absent"),
     (optim.adam(), optim.adamw(), "chain of 2 takes a tuple of 2 states, got a tuple of 3"),
     (optim.chain(optim.scale_by_learning_rate(0.1)), optim.chain(optim.scale_by_learning_rate(0.1, weight_decay=0)),

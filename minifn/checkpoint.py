@@ -374,10 +374,38 @@ def save_state(path: Path, state, progress: Progress, header: dict) -> Path:
 
 
 def state_contents(state, progress: Progress, header: dict) -> tuple[dict[str, Tensor], dict]:
-    """(tensors, meta) that save_state writes."""
+    """(tensors, meta) that save_state writes, refused if the parameters do not fit the header's model."""
     tensors = {**flatten(state.params, "params"), **flatten(state.opt_state, "opt_state"),
                "step": state.step, "rng": state.rng, **flatten(state.ema, "ema")}
-    return tensors, {**header, "progress": asdict(progress)}
+    meta = {**header, "progress": asdict(progress)}
+    _refuse_misfit(tensors, ModelConfig.from_dict(meta["config"]["model"]))
+    return tensors, meta
+
+
+def _misfit(params: dict[str, Tensor], config: ModelConfig) -> str | None:
+    """How params (by name) differ from config's parameters, or None if they fit."""
+    from minifn.model import skeleton
+
+    expected = {name: tuple(p.shape) for name, p in skeleton(config).named_parameters()}
+    got = {k: tuple(v.shape) for k, v in params.items()}
+    missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    if missing or extra:
+        return f"missing {missing[:3]}" if missing else f"unknown {extra[:3]}"
+    shapes = [k for k in expected if got[k] != expected[k]]
+    return f"{shapes[0]} is {list(got[shapes[0]])}, the config says {list(expected[shapes[0]])}" if shapes else None
+
+
+def _refuse_misfit(tensors: dict[str, Tensor], config: ModelConfig) -> None:
+    """A checkpoint whose parameters (and EMA) do not fit its own model config would save but never load:
+    a caller's mistake (a header from another run), refused before anything is written."""
+    for prefix in ("params.", "ema."):
+        part = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        if prefix == "ema." and not part:  # trained without an EMA
+            continue
+        why = _misfit(part, config)
+        if why:
+            raise ValueError(f"refusing to save a checkpoint whose {prefix[:-1]} do not fit its header's model "
+                             f"config: {why}")
 
 
 def load_state(tensors: dict[str, Tensor], meta: dict, template):
@@ -401,15 +429,15 @@ def load_state(tensors: dict[str, Tensor], meta: dict, template):
 
 def save_params(path: Path, params: dict[str, Tensor], model: ModelConfig, tokenizer: dict) -> Path:
     """A parameters-only checkpoint (no optimizer, no progress): generate, eval and --init-from read it."""
-    return save(path, flatten(params, "params"), {"config": {"model": model.to_dict()}, "tokenizer": tokenizer})
+    tensors = flatten(params, "params")
+    _refuse_misfit(tensors, model)
+    return save(path, tensors, {"config": {"model": model.to_dict()}, "tokenizer": tokenizer})
 
 
 def load_params(path: str | os.PathLike, device=None,
                 weights: str = "raw") -> tuple[dict[str, Tensor], ModelConfig, dict]:
     """(params, model config, header) of any minifn checkpoint, checked against the config's shapes;
     weights='ema' reads the moving average of a run trained with --ema instead."""
-    from minifn.model import skeleton
-
     tensors, meta = load(path, suggest_fresh=False)
     config = ModelConfig.from_dict(meta["config"]["model"])
     prefix = {"raw": "params.", "ema": "ema."}[weights]
@@ -417,9 +445,9 @@ def load_params(path: str | os.PathLike, device=None,
     if weights == "ema" and not params:
         raise CheckpointError(f"checkpoint {path} has no EMA weights: it was trained without --ema; "
                               "use --weights raw")
-    expected = {name: tuple(p.shape) for name, p in skeleton(config).named_parameters()}
-    if {k: tuple(v.shape) for k, v in params.items()} != expected:
-        raise CheckpointError(f"checkpoint {path} holds parameters that do not fit its own model config")
+    why = _misfit(params, config)
+    if why:
+        raise CheckpointError(f"checkpoint {path} holds parameters that do not fit its own model config ({why})")
     return params, config, meta
 
 

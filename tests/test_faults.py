@@ -193,6 +193,33 @@ def test_a_save_together_that_fails_after_a_rename_keeps_the_rest_to_complete(tm
     assert not (tmp_path / f".b.pt.{os.getpid()}.tmp").exists()
 
 
+def test_a_header_from_another_model_is_refused_before_anything_is_written(tmp_path):
+    """Parameters that do not fit the header's model config would save fine and never load."""
+    from minifn import Config, optim
+    from minifn.model import init_params
+    from minifn.step import init_state
+
+    small = ModelConfig(vocab_size=50, embed_dim=16, num_heads=2, num_layers=1, max_seq_len=8)
+    wide = dataclasses.replace(small, embed_dim=32)
+    state = init_state(init_params(small, 0), optim.adamw(), ema=0.9)
+    header = checkpoint.make_header(Config(model=wide), {"name": "t", "sha256": "0"}, {"sha256": "0", "tokens": 9})
+    with pytest.raises(ValueError, match="params do not fit its header's model config: embed.weight is .50, 16., "
+                                         "the config says .50, 32."):
+        checkpoint.save_state(tmp_path / "s.pt", state, checkpoint.Progress(), header)
+    bad_ema = state._replace(ema={k: v for k, v in state.ema.items() if k != "embed.weight"})
+    with pytest.raises(ValueError, match=r"ema do not fit .* missing \['embed.weight'\]"):
+        checkpoint.save_state(tmp_path / "s.pt", bad_ema, checkpoint.Progress(), {**header, "config": Config(
+            model=small).to_dict()})
+    with pytest.raises(ValueError, match="params do not fit"):
+        checkpoint.save_params(tmp_path / "p.pt", state.params, wide, {"name": "t", "sha256": "0"})
+    assert list(tmp_path.iterdir()) == []
+    good = checkpoint.save_params(tmp_path / "p.pt", state.params, small, {"name": "t", "sha256": "0"})
+    tensors, meta = checkpoint.load(good)  # tampered with afterwards: load names the leaf
+    checkpoint.save(good, {**tensors, "params.extra": torch.zeros(1)}, meta)
+    with pytest.raises(checkpoint.CheckpointError, match=r"do not fit its own model config \(unknown \['extra'\]\)"):
+        checkpoint.load_params(good)
+
+
 class Payload:
     def __init__(self, marker):
         self.marker = marker

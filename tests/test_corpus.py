@@ -461,6 +461,27 @@ def test_a_killed_prepare_leaves_nothing_that_looks_complete(tmp_path):
         open_corpus(tmp_path / "out")
 
 
+@pytest.mark.slow
+def test_a_sigterm_to_cli_prepare_removes_its_temporary_folder(tmp_path):
+    """SIGTERM (what a job scheduler sends) cleans up as Ctrl-C does, where the default action would leave
+    the hidden folder behind; the exit status is the shell's 143."""
+    story = shared_file("mini-owl.md")
+    script = ("import sys, time, minifn.prepare as p; real = p.prepare; "
+              "p.prepare = lambda *a, **k: real(*a, **{**k, 'progress': lambda r: r.tokens and time.sleep(60)}); "
+              "sys.argv = ['minifn', 'prepare', sys.argv[1], '-o', sys.argv[2]]; "
+              "from minifn.cli import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(story), str(tmp_path / "out")], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(tmp_path.glob(".out.prepare-*/part-00000.bin")):
+        time.sleep(0.1)
+    assert any(tmp_path.glob(".out.prepare-*/part-00000.bin")), "the prepare never started writing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 

@@ -15,9 +15,11 @@ or from the environment as MINIFN_<COMMAND>_<OPTION>, e.g. MINIFN_TRAIN_LR=3e-4.
 
 from minifn.cli import evaluate, generate, hf, prepare, sweep, tokenize, train  # noqa: F401 - importing registers the commands
 from minifn.cli.base import cli
+from minifn.cli.signals import exit_cleanly_on_sigterm
 
 __all__ = ["cli", "main"]
 
 
 def main():
+    exit_cleanly_on_sigterm()
     cli()

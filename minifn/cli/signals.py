@@ -27,6 +27,19 @@ class StopFlag:
         return self.signum
 
 
+def _exit_on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process at once
+    raise SystemExit(128 + signum)
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM ends the process as Ctrl-C does, by an exception, so that cleanup runs: a prepare's temporary
+    folder, a tokenize's or plot's temporary file are removed on the way out. The default action would
+    skip them. Exit status 143, as the shell reports a SIGTERM; train's stop_on_signals replaces it while
+    training."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 @contextmanager
 def stop_on_signals():
     flag = StopFlag()

@@ -13,7 +13,8 @@ model that fails it (one that normalizes newlines away) is given whole documents
 
 Documents are joined by the tokenizer's EOS id (a separator between documents, as nanoGPT's EOT): the
 ids of a one-document corpus are exactly that document's ids, and a model learns to end a text with EOS,
-where `minifn generate` stops.
+where `minifn generate` stops. An empty document (an empty file, a JSONL text of "") is left out,
+rather than becoming a second separator in a row.
 
 The validation split is the last whole documents that hold the requested tokens; when that would take
 more than twice as many (few, long documents: a single text file is one document), it is the last tokens
@@ -341,6 +342,8 @@ def _encode_inputs(files: list[Path], records: list[dict], writer: _ShardWriter,
         for path, record in zip(files, records):
             for piece in read_pieces(path, text_field, piece_bytes):
                 position[0] = done + piece.offset
+                if piece.first and piece.last and not piece.text:  # empty: no document, so no separator
+                    continue
                 yield documents, piece
                 if piece.last:
                     documents += 1

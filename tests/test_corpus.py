@@ -33,6 +33,7 @@ DOCS = [
             for i in range(400)),
     " x",
 ]
+NONEMPTY = [d for d in DOCS if d]  # an empty document is left out: no ids, so no separator of its own
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def split_documents(ids, separator):
 
 def expected_stream(tok, docs):
     ids = []
-    for i, doc in enumerate(docs):
+    for i, doc in enumerate(d for d in docs if d):
         ids += ([tok.eos_id] if i else []) + tok.encode(doc)
     return ids
 
@@ -99,8 +100,9 @@ def test_every_document_round_trips_exactly_and_ids_equal_whole_encoding(which, 
     ids = stream(corpus)
     assert ids.tolist() == expected_stream(tok, DOCS)  # chunked ids are the whole documents' ids
     decoded = [tok.decode(doc) for doc in split_documents(ids, manifest.separator_id)]
-    assert decoded == DOCS
-    assert manifest.documents == len(DOCS) and [r["documents"] for r in manifest.data["inputs"]] == [1] * len(DOCS)
+    assert decoded == NONEMPTY
+    assert manifest.documents == len(NONEMPTY)
+    assert [r["documents"] for r in manifest.data["inputs"]] == [int(bool(doc)) for doc in DOCS]
     assert manifest.text_bytes("train") == sum(len(doc.encode()) for doc in DOCS)  # for bits per byte
 
 
@@ -122,7 +124,7 @@ def test_a_model_that_fails_the_chunking_probe_gets_whole_documents(mistral, tmp
     monkeypatch.setattr(prep._Encoder, "__call__", lambda self, batch: seen.extend(batch) or encode(self, batch))
     files = write_docs_as_files(tmp_path / "in", DOCS)
     corpus = open_corpus(prepare(files, tmp_path / "out", mistral).path)
-    assert all(piece.first and piece.last for _, piece in seen) and len(seen) == len(DOCS)
+    assert all(piece.first and piece.last for _, piece in seen) and len(seen) == len(NONEMPTY)
     assert stream(corpus).tolist() == expected_stream(mistral, DOCS)
 
 
@@ -160,7 +162,7 @@ def test_jsonl_one_document_per_line(mistral, tmp_path, small_pieces, compressed
     manifest = prepare([path], tmp_path / "out", mistral, text_field="body")
     ids = stream(open_corpus(manifest.path, verify=True))
     assert ids.tolist() == expected_stream(mistral, DOCS)
-    assert manifest.data["inputs"][0]["format"] == "jsonl" and manifest.data["inputs"][0]["documents"] == len(DOCS)
+    assert manifest.data["inputs"][0]["format"] == "jsonl" and manifest.data["inputs"][0]["documents"] == len(NONEMPTY)
 
 
 def test_parquet_one_document_per_row(mistral, tmp_path, small_pieces):
@@ -356,7 +358,7 @@ def test_a_manifest_that_lies_is_refused(prepared, lie, message):
 def test_verification_catches_document_counts_changed_ids_and_ids_outside_the_vocabulary(prepared):
     edit_manifest(prepared, lambda d: d.update(documents=d["documents"] + 1))
     corpus = open_corpus(prepared)  # the cheap checks pass
-    with pytest.raises(CorpusError, match="says 8 documents but the shards hold 7"):
+    with pytest.raises(CorpusError, match=f"says {len(NONEMPTY) + 1} documents but the shards hold {len(NONEMPTY)}"):
         verify_corpus(corpus)
     edit_manifest(prepared, lambda d: d.update(documents=d["documents"] - 1))
     shard = prepared / "train-00000.bin"
@@ -387,7 +389,7 @@ def test_an_existing_output_is_refused_unless_a_corpus_and_overwrite(mistral, tm
         prepare([story], prepared, mistral)
     before = read_manifest(prepared)
     after = prepare([story], prepared, mistral, overwrite=True)
-    assert before.documents == len(DOCS) and after.documents == 1 and not (prepared / "val-00000.bin").exists()
+    assert before.documents == len(NONEMPTY) and after.documents == 1 and not (prepared / "val-00000.bin").exists()
     (tmp_path / "empty").mkdir()
     assert prepare([story], tmp_path / "empty", mistral).documents == 1  # an empty folder is filled
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -401,6 +403,8 @@ def test_an_existing_output_is_refused_unless_a_corpus_and_overwrite(mistral, tm
     (b'{"text": "ok"}\n{"body": "x"}\n', "field.jsonl", r"field.jsonl:2 has no text field 'text'"),
     (b"\x1f\x8b\x08\x00 not gzip", "trunc.jsonl.gz", "is not a complete gzip file"),
     (b"not parquet at all", "bad.parquet", "is not a Parquet file"),
+    (b"", "empty.txt", "hold no text"),  # not a corpus of one separator
+    (b'{"text": ""}\n', "empty.jsonl", "hold no text"),
 ])
 def test_bad_inputs_are_one_line_errors_and_leave_nothing(mistral, tmp_path, content, name, message):
     if name.endswith(".parquet"):
@@ -440,7 +444,7 @@ def test_progress_reports_bytes_documents_and_tokens(mistral, tmp_path):
     manifest = prepare(files, tmp_path / "out", mistral, progress=reports.append)
     total = sum(len(d.encode()) for d in DOCS)
     assert reports[0].bytes_read == 0 and reports[-1].bytes_read == reports[-1].bytes_total == total
-    assert reports[-1].tokens == manifest.tokens and reports[-1].documents == len(DOCS)
+    assert reports[-1].tokens == manifest.tokens and reports[-1].documents == len(NONEMPTY)
     assert all(a.bytes_read <= b.bytes_read and a.tokens <= b.tokens for a, b in zip(reports, reports[1:]))
 
 

@@ -237,11 +237,16 @@ def check_batch(batch, config: ModelConfig) -> None:
         raise ValueError(message)
 
 
-def check_inputs(params: Params, batch, config: ModelConfig) -> None:
+def check_inputs(params: Params, batch, config: ModelConfig, log_gns: bool = False) -> None:
     """check_params and check_batch: what the steps' factories run before every call, outside any compiled
-    code, so a user's mistake is a clear error rather than a failed trace or a silent wrong step."""
+    code, so a user's mistake is a clear error rather than a failed trace or a silent wrong step. log_gns
+    (in one process: data-parallel ranks add micro-batches) also needs two or more micro-batches, without
+    which every estimate is NaN."""
     check_params(params, config)
     check_batch(batch, config)
+    if log_gns and (batch[0].ndim == 2 or batch[0].shape[0] < 2):
+        raise ValueError("log_gns compares micro-batch gradients with their sum: it needs a batch [A, B, T] of "
+                         f"A >= 2 micro-batches, got {tuple(batch[0].shape)}")
 
 
 def check_step_settings(reduction: str, dropout_rate) -> None:
@@ -287,7 +292,7 @@ def make_train_step(config: ModelConfig, optimizer: optim.GradientTransformation
             log_gns=log_gns), compile, device, options)
 
         def checked_step(state: TrainState, batch: Batch):
-            check_inputs(state.params, batch, config)
+            check_inputs(state.params, batch, config, log_gns)
             return step(state, batch)
 
         return checked_step

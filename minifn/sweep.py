@@ -148,7 +148,7 @@ def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation
     compiled = maybe_compile(step, compile, device, None if rates is None else DROPOUT_OPTIONS)
 
     def checked_step(states: TrainState, batch: Batch):
-        check_inputs(states.params, batch, config)
+        check_inputs(states.params, batch, config, log_gns)
         return compiled(states, batch) if rates is None else compiled(states, batch, rates)
 
     return checked_step

@@ -2,6 +2,7 @@
 applied to its own micro-batch gradients, and the logged, plotted values of a CLI run."""
 
 import json
+import re
 
 import optree
 import pytest
@@ -129,3 +130,23 @@ def test_cli_logs_and_plots_the_noise_scale_and_refuses_one_micro_batch(story, t
     assert sum(e["gns"] is not None for e in steps) >= len(steps) // 2
     plotted = invoke("plot", checkpoint.metrics_path(ckpt), "-o", tmp_path / "loss.png")
     assert plotted.exit_code == 0 and (tmp_path / "loss.png").stat().st_size > 0, plotted.output
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (1, 4, 16)], ids=["no micro-batches", "one"])
+def test_the_made_steps_refuse_log_gns_without_two_micro_batches(shape):
+    """One micro-batch would make every estimate NaN: the factories' steps say so before stepping."""
+    from minifn.step import make_train_step
+    from minifn.sweep import make_sweep_step, sweep_states
+
+    tx = optim.sgd(lr=0.1)
+    x, y = next(batches(torch.randint(0, CONFIG.vocab_size, (400,)), 16, 4, 8))
+    state = init_state(init_params(CONFIG, 0), tx)
+    step = make_train_step(CONFIG, tx, log_gns=True, compile="off")
+    refused = r"needs a batch \[A, B, T\] of A >= 2 micro-batches, got " + re.escape(str(shape))
+    with pytest.raises(ValueError, match=refused):
+        step(state, (x[:4].view(shape), y[:4].view(shape)))
+    _, metrics = step(state, (x.view(2, 4, 16), y.view(2, 4, 16)))
+    assert metrics["gns_trace"].isfinite() and metrics["gns_g2"].isfinite()
+    states = sweep_states(init_params(CONFIG, 0), tx, [{"lr": 0.1}, {"lr": 0.2}])
+    with pytest.raises(ValueError, match="needs a batch"):
+        make_sweep_step(CONFIG, tx, log_gns=True, compile="off")(states, (x[:4].view(shape), y[:4].view(shape)))

@@ -267,7 +267,7 @@ def _run(tmp_path, name, stop_after=None, progress=None, state=None):
     stop = (lambda: signal.SIGINT if next(calls) == stop_after else None) if stop_after is not None else (lambda: None)
     path = tmp_path / f"{name}.pt"
     return fit(state, step, tokens, spec, num_epochs=3, device="cpu", checkpoint_path=path,
-               header=make_header(Config(), {"name": "t", "sha256": "0"}, {"sha256": "0", "tokens": 300}),
+               header=make_header(Config(model=CONFIG), {"name": "t", "sha256": "0"}, {"sha256": "0", "tokens": 300}),
                progress=progress, save_every=1, stop_requested=stop,
                lr_of=lambda s: optim.current_lr(s.opt_state, DECAY)), path, tx
 

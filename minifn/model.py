@@ -149,7 +149,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.embed_dim, c.eps)
         self.head = None if c.tie_embeddings else Linear(c.embed_dim, c.vocab_size, bias=False)
-        self.names = frozenset(name for name, _ in self.named_parameters())  # what a parameter tree must hold
+        self.shapes = {name: p.shape for name, p in self.named_parameters()}  # what a parameter tree must hold
+        self.names = frozenset(self.shapes)
 
     def forward(self, tokens_BT: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
                 dropout_rate: float = 0.0, key: Tensor | None = None):
@@ -199,6 +200,17 @@ def check_params(params: Params, config: ModelConfig) -> None:
         missing, unexpected = names - params.keys(), params.keys() - names
         raise KeyError(f"the parameter tree does not fit the config: missing {sorted(missing)}, "
                        f"unexpected {sorted(unexpected)}")
+
+
+def check_shapes(params: Params, config: ModelConfig, stacked: bool = False) -> None:
+    """Raise ValueError unless each parameter has the config's shape (after a leading member axis if stacked).
+    apply takes its sizes from the tensors, so a tree of another width or vocabulary would run silently
+    (and the steps' id check, against config.vocab_size, would pass ids past a smaller embedding)."""
+    for name, shape in skeleton(config).shapes.items():
+        got = params[name].shape[1:] if stacked else params[name].shape
+        if got != shape:
+            raise ValueError(f"parameter {name} has shape {list(got)} but the config's model has {list(shape)}: "
+                             "the tree was made for another config")
 
 
 def apply(params: Params, tokens_BT: Tensor, config: ModelConfig, *, dropout_rate: float = 0.0,

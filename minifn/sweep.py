@@ -31,7 +31,7 @@ from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import Loss, cross_entropy
 from minifn.model import Params, skeleton
-from minifn.step import Batch, TrainState, check_inputs, init_state, train_step
+from minifn.step import Batch, TrainState, check_inputs, check_step_settings, init_state, train_step
 from minifn.trees import stack_trees
 
 
@@ -138,6 +138,8 @@ def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation
       compile: 'auto', 'on' or 'off' (see minifn.compiling).
       device: where the states live; decides whether compiling is possible."""
     skeleton(config)
+    for rate in dropout_rates or [0.0]:  # the reduction, and each member's rate, as make_train_step checks them
+        check_step_settings(reduction, rate)
     device = torch.device(device)
     rates = None
     if dropout_rates is not None and any(dropout_rates):
@@ -148,7 +150,10 @@ def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation
     compiled = maybe_compile(step, compile, device, None if rates is None else DROPOUT_OPTIONS)
 
     def checked_step(states: TrainState, batch: Batch):
-        check_inputs(states.params, batch, config, log_gns)
+        check_inputs(states.params, batch, config, log_gns, stacked=True)
+        if rates is not None and rates.shape[0] != states.step.shape[0]:
+            raise ValueError(f"{rates.shape[0]} dropout rates for a sweep of {states.step.shape[0]} members: "
+                             "give one per member")
         return compiled(states, batch) if rates is None else compiled(states, batch, rates)
 
     return checked_step

@@ -390,3 +390,21 @@ def test_a_batch_the_model_cannot_take_is_refused_before_the_step():
 def test_settings_the_step_would_misread_are_refused(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("overrides", [dict(embed_dim=16), dict(vocab_size=40), dict(ff_dim=40)])
+def test_a_tree_of_another_shape_is_refused_before_the_step(overrides):
+    """apply takes its sizes from the tensors, so a tree made for another config (same names) used to train
+    silently, and one of a smaller vocabulary passed the id check (against the config's) into its embedding."""
+    from minifn.sweep import make_sweep_step, sweep_states
+
+    params = init_params(tiny_config(**overrides), 0)
+    x, y = next(batches(random_tokens(), 16, 8, 4))
+    with pytest.raises(ValueError, match="has shape .* but the config's model has"):
+        make_train_step(CONFIG, ADAMW, compile="off")(init_state(params, ADAMW), (x, y))
+    with pytest.raises(ValueError, match="has shape .* but the config's model has"):
+        make_eval_step(CONFIG, compile="off")(params, (x, y))
+    with pytest.raises(ValueError, match="has shape .* but the config's model has"):
+        make_sweep_step(CONFIG, ADAMW, compile="off")(sweep_states(params, ADAMW, [{"lr": 1e-3}] * 2), (x, y))
+    make_sweep_step(CONFIG, ADAMW, compile="off")(sweep_states(init_params(CONFIG, 0), ADAMW, [{"lr": 1e-3}] * 2),
+                                                  (x, y))  # a stacked tree of the config's shape is fine

@@ -250,3 +250,22 @@ def test_a_cpu_sweep_runs_attention_in_the_math_form_when_its_weights_are_small(
         assert_same(a, b, 1e-5)
     long = torch.zeros(64, 4096, dtype=torch.long)  # 3 members x 64 x 4 heads x 4096^2 x 2 layers x 4 bytes: 103 GB
     assert not math_attention_pays(states, (long, long), CONFIG)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(reduction="Mean"), "reduction must be 'mean' or 'sum'"),  # was summed silently
+    (dict(dropout_rates=[0.1, 1.5]), r"dropout_rate must be in \[0, 1\)"),  # was a scale of -2
+    (dict(dropout_rates=[-0.1, 0.1]), r"dropout_rate must be in \[0, 1\)"),
+])
+def test_make_sweep_step_refuses_settings_the_step_would_misread(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_sweep_step(CONFIG, optim.adamw(), compile="off", **kwargs)
+
+
+def test_a_dropout_rate_per_member_is_checked_against_the_members():
+    """Three rates for two members was a vmap error listing every leaf's size."""
+    states = sweep_states(init_params(CONFIG, 0), optim.adamw(), [{"lr": 1e-3}, {"lr": 1e-2}])
+    step = make_sweep_step(CONFIG, optim.adamw(), compile="off", dropout_rates=[0.1, 0.1, 0.1])
+    x, y = data(1)[0]
+    with pytest.raises(ValueError, match="3 dropout rates for a sweep of 2 members"):
+        step(states, (x[0], y[0]))

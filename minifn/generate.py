@@ -22,7 +22,13 @@ class GenerationError(ValueError):
 
 
 def prefill(params: Params, tokens_BT: Tensor, cache: KVCache, config: ModelConfig) -> tuple[Tensor, KVCache]:
-    """Logits [B, T, V] for the prompt, and the cache holding its keys and values at positions 0..T-1."""
+    """Logits [B, T, V] for the prompt, and the cache holding its keys and values at positions 0..T-1.
+    A prompt of another batch size than the cache's, or longer than it, is a GenerationError (the cache
+    write would fail with an index error)."""
+    B, _, T_max, _ = cache[0][0].shape  # layer 0's keys
+    if tokens_BT.ndim != 2 or tokens_BT.shape[0] != B or tokens_BT.shape[1] > T_max:
+        raise GenerationError(f"a prompt of shape {list(tokens_BT.shape)} does not fit a cache of batch {B} and "
+                              f"length {T_max}; give tokens [B, T] with T at most the cache's length")
     return apply_cached(params, tokens_BT, config, cache, torch.zeros((), dtype=torch.long, device=tokens_BT.device))
 
 
@@ -36,7 +42,12 @@ def decode_step(params: Params, token_B1: Tensor, cache: KVCache, pos: Tensor,
 def sample(logits_BV: Tensor, generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, repetition_penalty: float = 1.0, past_tokens: Tensor | None = None) -> Tensor:
     """Next token ids [B]. Temperature 0 is argmax; top-k and top-p always keep the most likely token;
-    the repetition penalty divides positive and multiplies negative logits of tokens already present."""
+    the repetition penalty divides positive and multiplies negative logits of tokens already present.
+    A negative temperature (which would favour the least likely tokens) or a penalty <= 0 is a ValueError."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be at least 0 (0: argmax), got {temperature}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be positive (1: none), got {repetition_penalty}")
     logits = logits_BV.float()
     if repetition_penalty != 1.0 and past_tokens is not None and past_tokens.numel():
         seen = logits.gather(-1, past_tokens)

@@ -170,3 +170,31 @@ def test_greedy_continues_the_story_it_was_trained_on(owl_model):
     ids = list(generate(params, prompt, config, max_new_tokens=12, temperature=0))
     continuation = tok.decode(prompt + ids)[len(tok.decode(prompt)):]
     assert continuation.split()[:6] == rest.split()[:6]  # "One day, a curious young bird"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-1.0), "temperature must be at least 0"),  # drew the least likely tokens most often
+    (dict(temperature=float("nan")), "temperature must be at least 0"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty must be positive"),  # flipped the seen logits' signs
+    (dict(repetition_penalty=0.0), "repetition_penalty must be positive"),  # was a multinomial error
+])
+def test_sampling_settings_that_would_draw_nonsense_are_refused(kwargs, message):
+    logits = torch.randn(1, CONFIG.vocab_size)
+    with pytest.raises(ValueError, match=message):
+        sample(logits, past_tokens=torch.tensor([[0, 1]]), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        next(generate(init_params(CONFIG, 0), [1, 2], CONFIG, max_new_tokens=3, **kwargs))
+
+
+@pytest.mark.parametrize("shape,batch,length", [((1, 20), 1, 16), ((2, 5), 1, 16), ((5,), 1, 16)],
+                         ids=["longer than the cache", "another batch size", "not [B, T]"])
+def test_a_prompt_that_does_not_fit_the_cache_is_refused(shape, batch, length):
+    from minifn.generate import GenerationError
+
+    params = init_params(CONFIG, 0)
+    with pytest.raises(GenerationError, match=rf"prompt of shape \[.*\] does not fit a cache of batch {batch} "
+                                              rf"and length {length}"):
+        prefill(params, torch.randint(0, CONFIG.vocab_size, shape), init_cache(CONFIG, batch, length), CONFIG)
+    logits, _ = prefill(params, torch.randint(0, CONFIG.vocab_size, (batch, length)),
+                        init_cache(CONFIG, batch, length), CONFIG)  # exactly full fits
+    assert logits.shape == (batch, length, CONFIG.vocab_size)

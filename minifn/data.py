@@ -168,6 +168,8 @@ def batches(tokens, seq_len: int, stride: int, batch_size: int, *, epoch: int = 
     rows rank*B .. rank*B+B-1, so N ranks at batch B see exactly what one process at batch N*B sees."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if start < 0:  # a negative batch index would slice the order from its end: windows twice in one epoch
+        raise ValueError(f"start is a batch index, at least 0, got {start}")
     tokens = _as_tokens(tokens)
     n = num_windows(len(tokens), seq_len, stride)
     order = window_order(n, epoch, shuffle, seed)
@@ -183,6 +185,8 @@ def eval_batches(tokens, seq_len: int, stride: int, batch_size: int, pad_id: int
     """Windows in order where every target is scored exactly once: window k > 0 ignores its first
     seq_len - stride targets, which window k - 1 already scored (with less context). Batches hold at most
     as many rows as there are windows: rows past them would only be padding (the scores do not change)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
     tokens = _as_tokens(tokens)
     n = num_windows(len(tokens), seq_len, stride)
     batch_size = min(batch_size, n)

@@ -15,6 +15,8 @@ Loss = Callable[..., Tensor]
 
 
 def _reduce(per_position: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    if reduction not in ("none", "sum", "mean"):  # else any other name would silently mean 'mean'
+        raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     per_position = per_position * valid
     if reduction == "none":
         return per_position

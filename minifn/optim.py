@@ -119,6 +119,13 @@ def _expect(state, kind: type, **built: bool) -> None:
                     "step a state with the update of the optimizer whose init made it")
 
 
+def _need_params(params, block: str) -> None:
+    """Refuse params=None in a block that reads the parameters (weight decay), which would otherwise fail in
+    tree code with an error about leaf counts."""
+    if params is None:
+        raise TypeError(f"{block} reads the parameters: call update(grads, state, params), not update(grads, state)")
+
+
 def _once(scalar: Tensor) -> Tensor:
     """The same 0-D value, computed once per step. Inductor inlines scalar math into every consumer's
     element loop (two pow() per 16 floats of Adam); a reduction over [x, 0] is a buffer it must compute
@@ -251,6 +258,7 @@ def add_decayed_weights(weight_decay=0.0) -> GradientTransformation:
 
     def update(grads, state, params, *, inplace=False):
         _expect(state, WeightDecayState)
+        _need_params(params, "weight decay (add_decayed_weights, in sgd and adam)")
         g, p = trees.leaves(grads), trees.leaves(params)
         return trees.rebuild(grads, foreach("add_", foreach("mul", p, _as(state.weight_decay, p)), g)), state
 
@@ -323,6 +331,7 @@ def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_d
         constant = schedule is None and isinstance(state.warmup_steps, tuple)
         lr_t = state.lr if constant else _once(_scheduled_lr(state, schedule))
         if weight_decay is not None:
+            _need_params(params, "decoupled weight decay (adamw)")
             p = trees.leaves(params)
             decay = foreach("sub_", foreach("mul", p, _as(1 - lr_t * state.weight_decay, p)), p)
             updates = foreach("addcmul_", decay, g, _as(-lr_t, g))

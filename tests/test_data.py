@@ -104,6 +104,16 @@ def test_too_little_data_is_a_clear_error():
         list(batches([1], 4, 2, 1))
 
 
+def test_a_negative_start_or_an_empty_eval_batch_is_refused():
+    """start=-2 sliced the order from its end (windows twice in one epoch); an eval batch size of 0 was a
+    range() error."""
+    tokens = torch.randint(0, 50, (50,))
+    with pytest.raises(ValueError, match="start is a batch index"):
+        list(batches(tokens, 8, 4, 2, start=-2))
+    with pytest.raises(ValueError, match="batch size must be positive"):
+        list(eval_batches(tokens, 8, 4, 0))
+
+
 # ------------------------------------------------------------------ the keyed per-index permutation
 
 

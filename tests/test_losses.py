@@ -84,3 +84,11 @@ def test_perplexity_of_a_uniform_guess_is_the_vocabulary_size():
     logits, targets = torch.zeros(2, 5, V), torch.randint(0, V, (2, 5))
     assert losses.perplexity(losses.cross_entropy(logits, targets).item()) == pytest.approx(V, rel=1e-5)
     assert losses.perplexity(float("inf")) == math.exp(700)  # a diverged loss prints, it does not overflow
+
+
+@pytest.mark.parametrize("loss", [losses.cross_entropy, losses.mse, losses.mae])
+def test_an_unknown_reduction_is_refused(loss):
+    """Any name other than 'none' or 'sum' used to mean 'mean', silently."""
+    logits, targets = random_batch()
+    with pytest.raises(ValueError, match="reduction must be 'none', 'sum' or 'mean'"):
+        loss(logits, targets, reduction="avg")

@@ -367,3 +367,14 @@ def test_a_warm_up_is_read_from_the_state_so_either_build_steps_it():
     params, grads = {"w": torch.ones(2)}, {"w": torch.ones(2)}
     updates, _ = optim.sgd(lr=1.0).update(grads, optim.sgd(lr=1.0, warmup_steps=4).init(params), params)
     assert torch.allclose(updates["w"], torch.full((2,), -0.25))  # step 0 of a 4-step warm-up: lr / 4
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_an_update_that_reads_the_parameters_says_so_without_them(name):
+    """Weight decay (in each alias, built at 0 too) reads params; update(grads, state) was an optree error
+    about leaf counts."""
+    params, loss_fn = mlp_problem(0)
+    tx = getattr(optim, name)(lr=0.1)
+    with pytest.raises(TypeError, match=r"call update\(grads, state, params\)"):
+        tx.update(torch.func.grad(loss_fn)(params), tx.init(params))
+    tx.update({k: torch.ones_like(v) for k, v in params.items()}, tx.init(params), params)

@@ -214,8 +214,9 @@ def _refuse_shape_settings(asked: ModelConfig, loaded: ModelConfig, source: str)
 
 
 def _resume(path: Path, header: dict, template: TrainState, config: Config, budget: int | None):
-    """(state, progress, applied changes) from the checkpoint at path, or a CheckpointError naming what
-    makes it another run: another model, tokenizer, data, process count, or a setting that breaks resume."""
+    """(state, progress, applied changes, whether the data is new) from the checkpoint at path, or a
+    CheckpointError naming what makes it another run: another model, tokenizer, data, process count, or a
+    setting that breaks resume."""
     tensors, saved = checkpoint.load(path)
     if "progress" not in saved:
         raise CheckpointError(f"checkpoint {path} holds parameters only; train from it with --init-from {path} "
@@ -246,7 +247,7 @@ def _resume(path: Path, header: dict, template: TrainState, config: Config, budg
         raise CheckpointError(f"checkpoint {path} has already taken {int(state.step)} steps, the whole budget of "
                               f"this run ({budget}): nothing to do; raise --max-steps or --max-tokens")
     header["run_id"] = saved["run_id"]
-    return state, progress, applied
+    return state, progress, applied, saved["data"] != header["data"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,7 +361,11 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
         state = init_state(su.initial_params(rc.seed), su.optimizer, seed=rc.seed, ema=rc.ema)
         progress, applied = None, []
         if path.exists() and path.stat().st_size and not rc.fresh:  # an empty file is a place to write
-            state, progress, applied = _resume(path, header, state, config, su.budget)
+            state, progress, applied, new_data = _resume(path, header, state, config, su.budget)
+            if new_data:  # --num-epochs counts epochs of the new data, after the steps already taken
+                total = min(int(state.step) + su.steps_per_epoch * rc.num_epochs, su.budget or math.inf)
+                optimizer, schedule = optimizer_from_config(config.optim, su.steps_per_epoch, total)
+                su = dataclasses.replace(su, total_steps=total, optimizer=optimizer, schedule=schedule)
         # The config is the truth for every hyperparameter, restored state or not.
         state = state._replace(opt_state=optim.set_hyperparams(state.opt_state, **hyperparams_of(config.optim)))
         all_reduce = None

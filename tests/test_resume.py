@@ -2,6 +2,7 @@
 refused with one line naming it. Never accepted and then ignored."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -139,6 +140,26 @@ def test_changed_dataset_is_refused_unless_new_data(saved, tmp_path):
     assert accepted.exit_code == 0 and "new data" in accepted.output
     tensors, meta = checkpoint.load(copy)
     assert int(tensors["step"]) > 15 and meta["progress"]["epoch"] == 1  # the model went on, the data restarted
+
+
+def test_new_data_schedule_spans_the_steps_taken_and_the_new_epochs(tmp_path):
+    """--new-data restarts the data, not the step count: --num-epochs epochs of the new data come after the
+    steps already taken, and the cosine spans all of them (it used to span the new epochs alone, from step 0,
+    so past its end the learning rate climbed back to its peak)."""
+    story = story_file(tmp_path, 600)
+    path = tmp_path / "m.pt"
+    flags = [*TINY_FLAGS, "--scheduler", "cosine", "--lr", "3e-3"]
+    assert invoke("train", "--dataset", story, "--model", path, *flags, "--num-epochs", 3).exit_code == 0
+    before = len(steps(path))
+    edited = tmp_path / "edited.txt"
+    edited.write_text(story.read_text()[:300])
+    result = invoke("train", "--dataset", edited, "--model", path, *flags, "--num-epochs", 2, "--new-data")
+    assert result.exit_code == 0, result.output
+    logged = steps(path)
+    total = len(logged)
+    assert total > before + 2 and f"{total} steps in all" in result.output
+    expected = [3e-3 * (1 + math.cos(math.pi * (e["step"] - 1) / total)) / 2 for e in logged[before:]]
+    assert [e["lr"] for e in logged[before:]] == pytest.approx(expected, rel=1e-5)
 
 
 def test_fewer_epochs_than_trained_is_nothing_to_do(saved, tmp_path):

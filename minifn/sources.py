@@ -29,6 +29,15 @@ PIECE_BYTES = 1 << 18
 PARQUET_ROWS = 1024
 
 
+class MissingTextField(CorpusError):
+    """A JSONL line or Parquet file without the text field asked for; .problem is the message without its
+    advice to choose another with --text-field (a flag of prepare and tokenizer train only)."""
+
+    def __init__(self, problem: str, advice: str):
+        super().__init__(problem + advice)
+        self.problem = problem
+
+
 @dataclass(frozen=True)
 class Piece:
     """Part of a document's text that starts at a line start (or at the document's start)."""
@@ -154,7 +163,8 @@ def _jsonl_pieces(path: Path, field: str, size: int | None) -> Iterator[Piece]:
                     raise CorpusError(f"{path}:{number} is not valid JSON ({str(e).splitlines()[0][:60]})") from None
                 text = record.get(field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
-                    raise CorpusError(f"{path}:{number} has no text field '{field}' (choose it with --text-field)")
+                    raise MissingTextField(f"{path}:{number} has no text field '{field}'",
+                                           " (choose it with --text-field)")
                 yield from _document(text, size, raw.tell())
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise CorpusError(f"{path} is not a complete gzip file ({e})") from None
@@ -177,7 +187,8 @@ def _parquet_pieces(path: Path, field: str, size: int | None) -> Iterator[Piece]
         raise CorpusError(f"input {path} is not a Parquet file ({str(e).splitlines()[0][:80]})") from None
     names = table.schema_arrow.names
     if field not in names:
-        raise CorpusError(f"{path} has no column '{field}' (it has {', '.join(names)}); choose one with --text-field")
+        raise MissingTextField(f"{path} has no column '{field}' (it has {', '.join(names)})",
+                               "; choose one with --text-field")
     rows, file_bytes = max(table.metadata.num_rows, 1), path.stat().st_size
     row = 0
     for batch in table.iter_batches(batch_size=PARQUET_ROWS, columns=[field]):

@@ -180,6 +180,7 @@ def encode_file(tokenizer: Tokenizer, path: str | os.PathLike, use_cache: bool =
     returns the ids in memory."""
     from minifn.corpus import CorpusError, TokenSequence, is_prepared, open_corpus
     from minifn.prepare import prepare
+    from minifn.sources import MissingTextField
 
     start = time.perf_counter()
     path = Path(path)
@@ -197,6 +198,9 @@ def encode_file(tokenizer: Tokenizer, path: str | os.PathLike, use_cache: bool =
     _make_cache_folder(entry.parent)
     try:
         prepare([path], entry, tokenizer)
+    except MissingTextField as e:  # the commands that read a file directly have no --text-field
+        raise CorpusError(f"{e.problem}; a file given here is read by that field only (minifn prepare --text-field "
+                          "NAME reads another into a corpus folder, which train and eval take)") from None
     except OSError as e:
         raise TokenizerError(f"could not write the token cache in {entry.parent} ({e.strerror or e}); nothing was "
                              "left behind; free some space there or set MINIFN_CACHE_DIR to another folder") from None

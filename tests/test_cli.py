@@ -142,6 +142,17 @@ def test_tokenize_reports_and_writes(story, tmp_path):
     assert len(out.read_text().split()) == count > 100
 
 
+def test_tokenize_round_trips_a_jsonl_file_document_by_document(tmp_path):
+    """A .jsonl input is tokenized as its documents joined by EOS (what train sees); the round trip compares
+    each document's decoded ids with its text field, not the whole decode with the file's JSON."""
+    docs = [" A leading space.", "Two\nlines\n", "", "Ünïcödé  spaces  "]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    result = run("tokenize", "--input", path, "--output", tmp_path / "ids.txt")
+    assert "Round trip: ok" in result.output, result.output
+    assert (tmp_path / "ids.txt").read_text().split().count("2") == 2  # three documents, two separators
+
+
 @pytest.mark.parametrize("args,message", [
     (["tokenize", "--input", "nope.txt"], "dataset nope.txt does not exist"),
     (["tokenize", "--model", "{junk}", "--input", "{story}"], "is not a SentencePiece model"),
@@ -341,3 +352,19 @@ def test_running_out_of_cpu_memory_is_the_users_error(trained, monkeypatch):
     result = run("eval", "--model", ckpt, "--dataset", story, ok=False)
     assert result.exit_code == 1 and "out of memory" in result.output and "smaller --batch-size" in result.output
     assert len(result.output.strip().splitlines()) == 1 and "internal error" not in result.output
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "generate", "prepare"])
+def test_help_shows_only_real_bounds(command):
+    """An unbounded finite-float option shows its default alone, not FloatRange's 'x<=None'."""
+    text = run(command, "--help").output
+    assert "None" not in text, text
+    if command == "generate":
+        assert "0<x<=1" in text  # --top-p's bounds are still shown
+
+
+def test_the_command_list_describes_prepare():
+    """`minifn --help` lists each command with its first sentence; prepare's docstring opens with 'INPUT...',
+    whose dots Click took for the sentence's end ('prepare  Tokenize INPUT...')."""
+    line = next(line for line in run("--help").output.splitlines() if line.strip().startswith("prepare"))
+    assert "Tokenize text, JSONL and Parquet inputs" in line and "INPUT..." not in line

@@ -209,3 +209,19 @@ def test_a_too_small_vocab_size_names_a_size_that_works(trained, tmp_path):
     size = re.search(r"use --vocab-size (\d+) or more", line).group(1)
     result = invoke("tokenizer", "train", "--input", trained[1], "--vocab-size", size, "--output", tmp_path / "t.model")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "tokenize"])
+def test_a_jsonl_file_without_its_text_field_names_a_flag_that_exists(trained, tmp_path, command):
+    """train, eval and tokenize read a .jsonl file's 'text' field and have no --text-field: the error points at
+    minifn prepare, which has, instead of telling the user to pass a flag that this command refuses."""
+    ckpt, _ = trained
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"body": "A story."}\n')
+    args = {"train": ["--dataset", data, "--model", tmp_path / "m.pt", *TINY_FLAGS],
+            "eval": ["--dataset", data, "--model", ckpt], "tokenize": ["--input", data]}[command]
+    line = one_line(invoke(command, *args))
+    assert "has no text field 'text'" in line and "minifn prepare --text-field NAME" in line
+    assert "choose it with --text-field" not in line
+    prepared = one_line(invoke("prepare", data, "--output", tmp_path / "corpus"))
+    assert "choose it with --text-field" in prepared  # prepare has the flag

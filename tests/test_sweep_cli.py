@@ -1,5 +1,6 @@
 """minifn sweep: every member is the run trained alone, resumes exactly, and a diverging one is frozen."""
 
+import json
 import os
 
 import pytest
@@ -182,6 +183,34 @@ def test_sweep_refuses_what_it_cannot_vary(story, tmp_path):
     result = sweep("--lr", "1e-3,1e-2", "--save-every-steps", "2")
     assert result.exit_code == 1 and "does not support --save-every-steps" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_ended_by_its_step_budget_inside_an_epoch_still_ranks_its_runs(story, tmp_path):
+    """With no validation split and --max-steps inside an epoch there is no epoch average: the runs are ranked
+    by their last step's loss, not listed as nothing under 'Sweep complete!'."""
+    out = tmp_path / "s"
+    result = invoke("sweep", "--dataset", story, "--output", out, *TINY_FLAGS, "--lr", "1e-3,1e-2", "--max-steps", 3)
+    assert result.exit_code == 0, result.output
+    assert "Runs ranked by training loss at the last step (3):" in result.output
+    for name in ("lr=0.001", "lr=0.01"):
+        last = json.loads(checkpoint.metrics_path(out / f"{name}.pt").read_text().splitlines()[-1])
+        assert last["step"] == 3 and f"  {last['loss']:.4f}  {name}  {out}/{name}.pt" in result.output
+
+
+def test_a_config_file_gives_swept_settings_as_numbers_or_arrays(story, tmp_path):
+    """minifn train's config file works for a sweep: `lr = 0.001` is one value (it was refused as not a
+    string), and a TOML array sweeps, as comma-separated values do on the command line."""
+    config = tmp_path / "run.toml"
+    config.write_text('lr = 0.001\nweight-decay = [0, 0.1]\nnum-epochs = 1\n')
+    out = tmp_path / "s"
+    result = invoke("sweep", "--config", config, "--dataset", story, "--output", out, *TINY_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.pt")) == ["weight_decay=0.1.pt", "weight_decay=0.pt"]
+    optim = checkpoint.load(out / "weight_decay=0.1.pt")[1]["config"]["optim"]
+    assert (optim["lr"], optim["weight_decay"]) == (0.001, 0.1)
+    config.write_text("seed = true\n")
+    result = invoke("sweep", "--config", config, "--dataset", story, "--output", out, *TINY_FLAGS)
+    assert result.exit_code == 2 and "seed must be a number" in result.output
 
 
 def test_a_sweep_whose_every_run_diverges_stops_as_train_does(story, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from minifn.cli.types import FiniteFloat
+from minifn.cli.types import FiniteFloat, ValueList
 from minifn.config import flag
 
 DEFAULT_CHECKPOINT = "checkpoints/mini.pt"
@@ -82,7 +82,7 @@ def setting_options(fields: list[dataclasses.Field], lists: tuple[str, ...] = ()
             meta, default = f.metadata, f.default
             help = meta["help"] + (f" In {meta['unit']}." if meta["unit"] else "")
             if f.name in lists:
-                decls, kwargs, default = [flag(f.name)], {"type": click.STRING}, str(default)
+                decls, kwargs, default = [flag(f.name)], {"type": ValueList()}, str(default)
                 help += " Comma-separated values sweep it."
             elif isinstance(default, bool):
                 decls, kwargs = [f"{flag(f.name)}/--no-{f.name.replace('_', '-')}"], {}
@@ -98,9 +98,16 @@ def setting_options(fields: list[dataclasses.Field], lists: tuple[str, ...] = ()
     return decorate
 
 
-def _check_type(param: click.Parameter, key: str, value, source) -> None:
-    """Config-file values are typed as strictly as flags: no silent int(1.9) or float(True)."""
+def _check_type(param: click.Parameter, key: str, value, source):
+    """Config-file values are typed as strictly as flags: no silent int(1.9) or float(True). Returns the value
+    as the option takes it: a swept setting's number or array of numbers as its comma-separated text."""
     kind = param.type
+    if isinstance(kind, ValueList):
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in items):
+            raise click.BadParameter(f"{source}: {key} must be a number, an array of numbers or a comma-separated "
+                                     f"string of them, got {value!r}")
+        return ",".join(map(str, items))
     if isinstance(param, click.Option) and param.is_flag or isinstance(kind, click.types.BoolParamType):
         ok, want = isinstance(value, bool), "true or false"
     elif isinstance(kind, click.types.IntParamType):
@@ -111,6 +118,7 @@ def _check_type(param: click.Parameter, key: str, value, source) -> None:
         ok, want = isinstance(value, str), "a string"
     if not ok:
         raise click.BadParameter(f"{source}: {key} must be {want}, got {value!r}")
+    return value
 
 
 def load_config_file(ctx, param, value):
@@ -137,8 +145,7 @@ def load_config_file(ctx, param, value):
     defaults = {}
     for key, v in table.items():
         p = by_key[key.replace("-", "_")]
-        _check_type(p, key, v, value)
-        defaults[p.name] = v
+        defaults[p.name] = _check_type(p, key, v, value)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 

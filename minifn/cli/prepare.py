@@ -31,7 +31,7 @@ class _ProgressBar:
             self.bar.close()
 
 
-@cli.command()
+@cli.command(short_help="Tokenize text, JSONL and Parquet inputs into a prepared corpus (token shards).")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--output", "-o", required=True, help="The corpus directory to create.")
 @click.option("--tokenizer", default="mistral", show_default=True,

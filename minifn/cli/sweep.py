@@ -58,10 +58,13 @@ def sweep(output, verbose, **settings):
     if settings["dataset"] == DataConfig.dataset:
         settings["dataset"] = bundled(settings["dataset"])
     config, members = Config.from_flat(settings), grid(swept)
-    finals = {}
+    finals, last = {}, {}  # each member's latest epoch or eval event; the latest step's losses
 
     def report(e):
-        if e["kind"] == "start":
+        if e["kind"] == "step":
+            last.update(step=e["step"], losses=e["losses"], frozen=e["frozen"])
+        elif e["kind"] == "start":
+            last["members"] = e["members"]
             click.echo(f"Sweeping {len(e['members'])} runs in one step ({', '.join(e['members'])}) on {e['tokens']} "
                        f"tokens; {e['steps_per_epoch']} steps/epoch, {e['total_steps']} steps in all, device "
                        f"{e['device']}, {e['precision']}, compile {e['compile']}; checkpoints in {e['folder']}")
@@ -86,7 +89,14 @@ def sweep(output, verbose, **settings):
             click.echo(f"Interrupted: every run saved in {e.path}; run the same command again to resume.", err=True)
             sys.exit(128 + e.signum)
     key = "val_loss" if any("val_loss" in e for e in finals.values()) else "loss"
-    click.echo(f"Sweep complete! Runs ranked by {'validation' if key == 'val_loss' else 'training'} loss:")
+    by = "validation loss" if key == "val_loss" else "training loss"
+    stale = "step" in last and (len(finals) < len(last["members"])
+                                or any(e["step"] != last["step"] for e in finals.values()))
+    if key == "loss" and stale:  # a step budget ended the sweep inside an epoch, after its last epoch event
+        finals = {name: {"loss": loss, "frozen": frozen}
+                  for name, loss, frozen in zip(last["members"], last["losses"], last["frozen"])}
+        by = f"training loss at the last step ({last['step']})"
+    click.echo(f"Sweep complete! Runs ranked by {by}:")
     for name, e in sorted(finals.items(), key=lambda item: (item[1]["frozen"], item[1].get(key, float("inf")))):
         click.echo(f"  {e.get(key, float('nan')):.4f}  {name}{'  (frozen)' if e['frozen'] else ''}  "
                    f"{output}/{name}.pt")

@@ -22,7 +22,7 @@ WRITE_IDS = 1 << 20  # ids formatted and written at a time
 def tokenize(model, input_path, output, show):
     """Tokenize a text file and report what the model sees."""
     from minifn.files import check_output_location
-    from minifn.tokenizer import encode_file, load_tokenizer, read_text
+    from minifn.tokenizer import encode_file, load_tokenizer
 
     if output:  # before the work, not after it
         check_output_location(output)
@@ -37,12 +37,31 @@ def tokenize(model, input_path, output, show):
     click.echo(f"First {len(first)} ids: {first}")
     click.echo(f"First {len(first)} pieces: {[tok.piece(i) for i in first]}")
     if len(ids) <= ROUND_TRIP_LIMIT:
-        click.echo(f"Round trip: {'ok' if tok.decode(ids[:]) == read_text(input_path) else 'differs'}")
+        click.echo(f"Round trip: {'ok' if round_trip(tok, ids, input_path) else 'differs'}")
     else:
         click.echo(f"Round trip: not checked (over {ROUND_TRIP_LIMIT} tokens)")
     if output:
         write_ids(ids, output)
         click.echo(f"Wrote {len(ids)} ids to {output}")
+
+
+def round_trip(tok, ids, input_path: str) -> bool:
+    """Whether the ids decode back to the input: a text file's whole text, or each document of a JSONL or
+    Parquet file (its text fields, which the ids join with EOS; empty ones are left out, as prepare does)."""
+    from minifn.sources import file_format, read_pieces
+    from minifn.tokenizer import read_text
+
+    if file_format(Path(input_path)) == "text":
+        return tok.decode(ids[:]) == read_text(input_path)
+    documents, parts = [], []
+    for piece in read_pieces(Path(input_path), piece_bytes=None):
+        parts.append(piece.text)
+        if piece.last:
+            documents += ["".join(parts)] if any(parts) else []
+            parts = []
+    flat = ids[:].tolist()
+    cuts = [i for i, t in enumerate(flat) if t == tok.eos_id]
+    return [tok.decode(flat[a + 1 : b]) for a, b in zip([-1, *cuts], [*cuts, len(flat)])] == documents
 
 
 def write_ids(ids, output: str) -> None:

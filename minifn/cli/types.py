@@ -20,3 +20,13 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return super().convert(number, param, ctx)
 
+    def _describe_range(self) -> str:
+        """The bounds for --help; none without bounds (FloatRange would print 'x<=None')."""
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
+
+class ValueList(click.types.StringParamType):
+    """The comma-separated values of a swept setting, as text for the command to split. A config file may give
+    them as a number, an array of numbers or that text."""
+
+    name = "values"

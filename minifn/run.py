@@ -202,12 +202,16 @@ def _refuse_padding_only_shapes(num_tokens: int, spec: DataSpec) -> None:
                           f"be padded; {fits}, or a smaller --batch-stride")
 
 
-def _refuse_shape_settings(asked: ModelConfig, loaded: ModelConfig, source: str) -> None:
-    """--init-from fixes the architecture (all but the context length): a shape setting changed from its
-    default to something else than the loaded model's is refused, as a setting that does not apply is."""
+def _refuse_shape_settings(asked: ModelConfig, loaded: ModelConfig, source: str, given: frozenset[str] | None) -> None:
+    """--init-from fixes the architecture (all but the context length): a shape setting the user gave (in given;
+    None: every one changed from its default) that differs from the loaded model's is refused, as a setting
+    that does not apply is."""
+    def set_by_user(f):
+        return f.name in given if given is not None else getattr(asked, f.name) != f.default
+
     clashes = [f"{flag(f.name)} {getattr(asked, f.name)} (it has {getattr(loaded, f.name)})"
                for f in dataclasses.fields(ModelConfig) if f.name not in ("vocab_size", "max_seq_len")
-               and getattr(asked, f.name) not in (f.default, getattr(loaded, f.name))]
+               and set_by_user(f) and getattr(asked, f.name) != getattr(loaded, f.name)]
     if clashes:
         raise ConfigError(f"--init-from {source} fixes the model's shape, and {'; '.join(clashes)} would change it; "
                           "drop them (only --max-seq-len may differ)")
@@ -285,7 +289,8 @@ class Setup:
         return _evaluator(step, val, self.tokenizer, self.spec, self.device, self.data.val_bytes if whole else None)
 
 
-def setup(config: Config, device: torch.device | None = None, rank: int = 0, world_size: int = 1) -> Setup:
+def setup(config: Config, device: torch.device | None = None, rank: int = 0, world_size: int = 1,
+          given: frozenset[str] | None = None) -> Setup:
     """Tokenizer, data, batching, run length and optimizer for config, with every check that needs them."""
     from minifn.tokenizer import MISTRAL, load_tokenizer, mistral_model_path
 
@@ -317,7 +322,7 @@ def setup(config: Config, device: torch.device | None = None, rank: int = 0, wor
         raise ConfigError(f"--init-from {rc.init_from} was trained with another tokenizer than --tokenizer "
                           f"{dc.tokenizer}; pass the tokenizer it was trained with")
     else:
-        _refuse_shape_settings(config.model, init[1], rc.init_from)
+        _refuse_shape_settings(config.model, init[1], rc.init_from, given)
         model = dataclasses.replace(init[1], max_seq_len=config.model.max_seq_len)
     config = dataclasses.replace(config, model=model)
     spec = DataSpec(model.max_seq_len, dc.batch_stride, dc.batch_size, dc.grad_accum_steps, dc.shuffle,
@@ -332,14 +337,17 @@ def setup(config: Config, device: torch.device | None = None, rank: int = 0, wor
 
 
 def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: None,
-          stop_requested: Callable[[], int | None] = lambda: None, loss_fn: Loss | None = None) -> TrainState:
+          stop_requested: Callable[[], int | None] = lambda: None, loss_fn: Loss | None = None,
+          given: frozenset[str] | None = None) -> TrainState:
     """Run (or resume) the training that config describes and return the final state.
 
     Args:
       config: every setting of the run (minifn.config.Config); config.run.model is the checkpoint.
       on_event: receives {"kind": "start" | "step" | "epoch" | "eval", ...} events (rank 0 only).
       stop_requested: returns a signal number when the run should save and stop (raises loop.Interrupted).
-      loss_fn: a loss(logits, targets, reduction) to use instead of config.run.criterion."""
+      loss_fn: a loss(logits, targets, reduction) to use instead of config.run.criterion.
+      given: the settings the user set (the command line's flags, environment and --config file), so that
+        --init-from refuses a shape flag given at its default; None: those that differ from their defaults."""
     rc = config.run
     world, device = None, resolve_device(rc.device)
     from minifn import distributed
@@ -351,7 +359,7 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
         stop_requested = lambda: (  # noqa: E731
             (asked() or signal.SIGTERM) if distributed.any_rank(asked() is not None, device) else None)
     rank, world_size = (world.rank, world.world_size) if world else (0, 1)
-    su = setup(config, device, rank, world_size)
+    su = setup(config, device, rank, world_size, given)
     config, dc = su.config, config.data
     header = checkpoint.make_header(config, su.tokenizer_info, su.data.identity, world_size)
     path = checkpoint.target(rc.model)

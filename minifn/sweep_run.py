@@ -69,7 +69,7 @@ def _member(su, config: Config, path: Path):
 
 def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
                 on_event: Callable[[dict], None] = lambda e: None,
-                stop_requested: Callable[[], int | None] = lambda: None) -> list:
+                stop_requested: Callable[[], int | None] = lambda: None, given: frozenset[str] | None = None) -> list:
     """Train (or resume) one run per entry of members (settings replacing config's); returns their states.
 
     Args:
@@ -77,9 +77,10 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
       members: per member, {setting: value} over SWEEPABLE; its checkpoint is folder/<member_name>.pt.
       folder: where the members' checkpoints and metrics logs go.
       on_event: receives "start", "step" (every member's loss), "diverged", "epoch" and "eval" events.
-      stop_requested: returns a signal number when the sweep should save every member and stop."""
+      stop_requested: returns a signal number when the sweep should save every member and stop.
+      given: the settings the user set, as minifn.run.train takes them."""
     folder = Path(folder)
-    su = setup(config)
+    su = setup(config, given=given)
     # one window order for all (the sweep's); each member records it, so that it resumes alone in that order
     order = su.spec.seed
     configs = [dataclasses.replace(replace(config, **values), model=su.config.model) for values in members]

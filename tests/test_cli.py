@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from conftest import ROOT, TINY_FLAGS
 from minifn import checkpoint
 from minifn.cli import cli
+from minifn.config import ModelConfig
 
 STORY = (ROOT / "data" / "lighthouse.txt").read_text()[:600]
 TINY = TINY_FLAGS
@@ -324,7 +325,9 @@ def test_init_from_keeps_its_shape_and_refuses_another(trained, tmp_path):
     assert meta["config"]["model"]["embed_dim"] == 16 and meta["config"]["model"]["max_seq_len"] == 16
     assert {k for k in tensors if k.startswith("params.")} == set(start)
     refused = [(["--embed-dim", 32], "--embed-dim 32 (it has 16)"),
-               (["--num-layers", 3, "--no-tie-embeddings"], "--num-layers 3 (it has 1); --tie-embeddings False")]
+               (["--num-layers", 3, "--no-tie-embeddings"], "--num-layers 3 (it has 1); --tie-embeddings False"),
+               # given at its default value: still a flag the loaded model would silently override
+               (["--embed-dim", ModelConfig.embed_dim], f"--embed-dim {ModelConfig.embed_dim} (it has 16)")]
     for flags, named in refused:
         bad = train(story, tmp_path / "bad.pt", "--init-from", ckpt, "--num-epochs", 1, *flags, ok=False)
         assert bad.exit_code == 1 and named in bad.output and "Traceback" not in bad.output, bad.output

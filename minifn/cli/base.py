@@ -121,6 +121,14 @@ def _check_type(param: click.Parameter, key: str, value, source):
     return value
 
 
+def given_settings(settings: dict) -> frozenset[str]:
+    """The settings the user set, on the command line, in the environment or in a --config file, as opposed
+    to those left at their defaults (a flag given at its default value counts as given)."""
+    ctx = click.get_current_context()
+    return frozenset(name for name in settings
+                     if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT)
+
+
 def load_config_file(ctx, param, value):
     """--config FILE: a TOML table of option defaults, keyed by flag name (command-line flags still win)."""
     if value is None:

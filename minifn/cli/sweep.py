@@ -8,7 +8,7 @@ import warnings
 
 import click
 
-from minifn.cli.base import bundled, cli, load_config_file, one_line_errors, setting_options
+from minifn.cli.base import bundled, cli, given_settings, load_config_file, one_line_errors, setting_options
 from minifn.cli.signals import capture_warnings, stop_on_signals
 from minifn.config import Config, DataConfig, cli_fields
 from minifn.sweep_run import SWEEPABLE
@@ -84,7 +84,8 @@ def sweep(output, verbose, **settings):
         # vmap runs CPU attention once per member (no batching rule yet); known, and measured in RESULTS.md
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
         try:
-            train_sweep(config, members, output, on_event=report, stop_requested=stop.requested)
+            train_sweep(config, members, output, on_event=report, stop_requested=stop.requested,
+                        given=given_settings(settings))
         except Interrupted as e:
             click.echo(f"Interrupted: every run saved in {e.path}; run the same command again to resume.", err=True)
             sys.exit(128 + e.signum)

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from minifn.cli.base import bundled, cli, load_config_file, one_line_errors, setting_options
+from minifn.cli.base import bundled, cli, given_settings, load_config_file, one_line_errors, setting_options
 from minifn.cli.signals import capture_warnings, stop_on_signals
 from minifn.config import Config, DataConfig, cli_fields
 
@@ -37,7 +37,7 @@ def train(nproc, verbose, **settings):
     with stop_on_signals() as stop, capture_warnings():
         try:
             run_training(config, on_event=lambda e: printer({**e, "compile": config.run.compile}),
-                         stop_requested=stop.requested)
+                         stop_requested=stop.requested, given=given_settings(settings))
         except Interrupted as e:
             printer.close()  # before the message, so the bar does not overwrite it
             if main:

@@ -74,12 +74,12 @@ def make_decode_step(config: ModelConfig, compile: str = "auto", device="cpu") -
 
 
 def check_prompt(prompt_ids: list[int], config: ModelConfig) -> None:
-    """Raise GenerationError unless the model can continue prompt_ids: at least one token, and room in its
-    context for one more. generate() checks it when first advanced; callers that print the prompt first
-    check it before."""
+    """Raise GenerationError unless the model can continue prompt_ids: at least one token, and no more than
+    its context (a prompt that fills it still predicts one token). generate() checks it when first advanced;
+    callers that print the prompt first check it before."""
     if not prompt_ids:
         raise GenerationError("the prompt is empty; give at least one token")
-    if len(prompt_ids) >= config.max_seq_len:
+    if len(prompt_ids) > config.max_seq_len:
         raise GenerationError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
                               f"{config.max_seq_len}; shorten the prompt")
 

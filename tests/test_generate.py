@@ -62,8 +62,10 @@ def test_generation_stops_at_eos_and_at_the_context_length():
     assert stopped == first[: first.index(first[2]) + 1]  # up to and including the first EOS
     long = list(generate(params, [1] * 20, CONFIG, max_new_tokens=100, temperature=0))
     assert len(long) == CONFIG.max_seq_len - 20 + 1  # the last token fills the final position
+    full = list(generate(params, [1] * 24, CONFIG, max_new_tokens=100, temperature=0))  # fills the context
+    assert full == [int(apply(params, torch.ones(1, 24, dtype=torch.long), CONFIG)[0, -1].argmax())]
     with pytest.raises(ValueError, match="shorten the prompt"):
-        list(generate(params, [1] * 24, CONFIG, max_new_tokens=1))
+        list(generate(params, [1] * 25, CONFIG, max_new_tokens=1))
 
 
 def filtered(logits, keep, temperature=1.0):

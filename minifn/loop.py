@@ -152,7 +152,7 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
       save_every_steps: also save every this many steps (0: never by steps).
       evaluate: evaluate(state) -> {"val_loss": ..., ...} on the validation split.
       eval_every: evaluate every this many steps and at the end, as "eval" events; 0 evaluates at the end
-        of every epoch instead, in the epoch event.
+        of every epoch instead, in the epoch event (and at a step budget's end inside an epoch, as an eval).
       best_path: where to keep the checkpoint with the lowest validation loss (None: not kept).
       lr_of: the learning rate of the next step as a 0-D tensor, for the log.
       report: receives every event, {"kind": "step" | "epoch" | "eval", ...} (rank 0 only).
@@ -237,6 +237,8 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
                     break
             resolve()
             if progress.batch < per_epoch:  # the step budget ended the run inside this epoch
+                if evaluate is not None and not eval_every:  # its epoch event never comes: evaluate the end
+                    emit({"kind": "eval", "step": step, "epoch": progress.epoch + 1, **run_eval()})
                 break
             avg = progress.loss_sum / max(progress.tokens, 1)
             event = {"kind": "epoch", "epoch": progress.epoch + 1, "epochs": num_epochs, "step": step,

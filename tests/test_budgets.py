@@ -76,6 +76,17 @@ def test_eval_every_also_scores_the_end_when_the_epochs_end_the_run(story, tmp_p
     assert [e["step"] for e in events(ckpt, "eval")] == [*range(4, total, 4), total]
 
 
+def test_a_step_budget_inside_an_epoch_still_scores_its_end(story, tmp_path):
+    """Without --eval-every validation comes with each epoch's line; a budget that ends the run inside an
+    epoch, before any, scores the end instead (and keeps it as the best checkpoint)."""
+    ckpt = tmp_path / "m.pt"
+    result = train(story, ckpt, "--num-epochs", 1000, "--max-steps", 3, "--val-fraction", 0.2)
+    assert "[Epoch: " not in result.output  # the budget ends the first epoch early
+    (end,) = events(ckpt, "eval")
+    assert end["step"] == 3 and f"[Step: 3] [Val Loss: {end['val_loss']:.4f}]" in result.output
+    assert int(checkpoint.load(tmp_path / "m.best.pt")[0]["step"]) == 3
+
+
 def test_eval_tokens_caps_the_validation_set(story, tmp_path):
     ckpt = tmp_path / "c.pt"
     train(story, ckpt, "--num-epochs", 1000, "--max-steps", 2, "--eval-every", 2, "--val-fraction", 0.3,

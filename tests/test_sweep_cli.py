@@ -185,6 +185,22 @@ def test_sweep_refuses_what_it_cannot_vary(story, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_seeds_that_would_vary_nothing_after_init_from_are_refused(story, tmp_path):
+    """With --init-from a seed only draws dropout masks (the batch order is the sweep's): without dropout the
+    members would be one run twice."""
+    start = tmp_path / "start.pt"
+    assert invoke("train", "--dataset", story, "--model", start, *FLAGS, "--num-epochs", 1).exit_code == 0
+    sweep = lambda *flags: invoke("sweep", "--dataset", story, "--init-from", start, *FLAGS,  # noqa: E731
+                                  "--max-steps", 2, *flags)
+    result = sweep("--output", tmp_path / "same", "--seed", "0,1")
+    assert result.exit_code == 1 and "differ only in --seed would be the same run" in result.output
+    assert not (tmp_path / "same").exists()
+    result = sweep("--output", tmp_path / "masks", "--seed", "0,1", "--dropout", "0.2")
+    assert result.exit_code == 0, result.output
+    a, b = (params(tmp_path / "masks" / f"seed={s}.pt") for s in (0, 1))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # their own masks: two runs
+
+
 def test_a_sweep_ended_by_its_step_budget_inside_an_epoch_still_ranks_its_runs(story, tmp_path):
     """With no validation split and --max-steps inside an epoch there is no epoch average: the runs are ranked
     by their last step's loss, not listed as nothing under 'Sweep complete!'."""

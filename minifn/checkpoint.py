@@ -378,7 +378,7 @@ def state_contents(state, progress: Progress, header: dict) -> tuple[dict[str, T
     tensors = {**flatten(state.params, "params"), **flatten(state.opt_state, "opt_state"),
                "step": state.step, "rng": state.rng, **flatten(state.ema, "ema")}
     meta = {**header, "progress": asdict(progress)}
-    _refuse_misfit(tensors, ModelConfig.from_dict(meta["config"]["model"]))
+    _refuse_unloadable(tensors, meta)
     return tensors, meta
 
 
@@ -386,7 +386,7 @@ def _misfit(params: dict[str, Tensor], config: ModelConfig) -> str | None:
     """How params (by name) differ from config's parameters, or None if they fit."""
     from minifn.model import skeleton
 
-    expected = {name: tuple(p.shape) for name, p in skeleton(config).named_parameters()}
+    expected = {name: tuple(shape) for name, shape in skeleton(config).shapes.items()}
     got = {k: tuple(v.shape) for k, v in params.items()}
     missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
     if missing or extra:
@@ -395,9 +395,14 @@ def _misfit(params: dict[str, Tensor], config: ModelConfig) -> str | None:
     return f"{shapes[0]} is {list(got[shapes[0]])}, the config says {list(expected[shapes[0]])}" if shapes else None
 
 
-def _refuse_misfit(tensors: dict[str, Tensor], config: ModelConfig) -> None:
-    """A checkpoint whose parameters (and EMA) do not fit its own model config would save but never load:
-    a caller's mistake (a header from another run), refused before anything is written."""
+def _refuse_unloadable(tensors: dict[str, Tensor], meta: dict) -> None:
+    """A checkpoint that load would refuse (a header short of what validate_header asks, parameters or an EMA
+    that do not fit the header's model config) is a caller's mistake, refused before anything is written."""
+    try:
+        validate_header(meta, "to be saved")
+    except CheckpointError as e:
+        raise ValueError(f"refusing to save: {e}") from None
+    config = ModelConfig.from_dict(meta["config"]["model"])
     for prefix in ("params.", "ema."):
         part = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         if prefix == "ema." and not part:  # trained without an EMA
@@ -429,15 +434,17 @@ def load_state(tensors: dict[str, Tensor], meta: dict, template):
 
 def save_params(path: Path, params: dict[str, Tensor], model: ModelConfig, tokenizer: dict) -> Path:
     """A parameters-only checkpoint (no optimizer, no progress): generate, eval and --init-from read it."""
-    tensors = flatten(params, "params")
-    _refuse_misfit(tensors, model)
-    return save(path, tensors, {"config": {"model": model.to_dict()}, "tokenizer": tokenizer})
+    tensors, meta = flatten(params, "params"), {"config": {"model": model.to_dict()}, "tokenizer": tokenizer}
+    _refuse_unloadable(tensors, meta)
+    return save(path, tensors, meta)
 
 
 def load_params(path: str | os.PathLike, device=None,
                 weights: str = "raw") -> tuple[dict[str, Tensor], ModelConfig, dict]:
     """(params, model config, header) of any minifn checkpoint, checked against the config's shapes;
     weights='ema' reads the moving average of a run trained with --ema instead."""
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
     tensors, meta = load(path, suggest_fresh=False)
     config = ModelConfig.from_dict(meta["config"]["model"])
     prefix = {"raw": "params.", "ema": "ema."}[weights]

@@ -153,7 +153,9 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
       evaluate: evaluate(state) -> {"val_loss": ..., ...} on the validation split.
       eval_every: evaluate every this many steps and at the end, as "eval" events; 0 evaluates at the end
         of every epoch instead, in the epoch event (and at a step budget's end inside an epoch, as an eval).
-      best_path: where to keep the checkpoint with the lowest validation loss (None: not kept).
+      best_path: where to keep the checkpoint with the lowest validation loss, when there is an evaluate
+        (None: not kept). A fresh run removes an older run's file there at its first save, as the metrics
+        log drops that run's history, so it never sits beside a checkpoint it does not belong to.
       lr_of: the learning rate of the next step as a 0-D tensor, for the log.
       report: receives every event, {"kind": "step" | "epoch" | "eval", ...} (rank 0 only).
       stop_requested: returns a signal number when the run should save and raise Interrupted; it must
@@ -192,12 +194,18 @@ def fit(state: TrainState, train_step: Callable, tokens, spec: DataSpec, *, num_
               "lr": None if math.isnan(lr) else lr, "grad_norm": grad_norm, "tokens_per_s": count / max(seconds, 1e-9),
               **gns_fields})
 
+    stale_best = not resumed and best_path is not None  # until this run saves, a file there is another run's
+
     def save(path=checkpoint_path):
+        nonlocal stale_best
         resolve()
         log.sync()
         if not main:
             return None
         saved = checkpoint.save_state(path, state, progress, header)
+        if stale_best and path != best_path:  # a fresh run's first save: an older run's best is not its own
+            best_path.unlink(missing_ok=True)
+        stale_best = False
         if path == checkpoint_path:
             log.saved()
         return saved

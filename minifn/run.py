@@ -400,7 +400,7 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
             state = fit(state, step, su.data.train, su.spec, num_epochs=rc.num_epochs, max_steps=su.budget,
                        device=device, checkpoint_path=path, header=header, progress=progress,
                        save_every=rc.save_every, save_every_steps=rc.save_every_steps, evaluate=evaluate,
-                       eval_every=rc.eval_every, best_path=None if evaluate is None else best_path(path),
+                       eval_every=rc.eval_every, best_path=best_path(path),
                        lr_of=lambda s: optim.current_lr(s.opt_state, su.schedule), report=on_event,
                        stop_requested=stop_requested)
             if world:

@@ -87,6 +87,19 @@ def test_a_step_budget_inside_an_epoch_still_scores_its_end(story, tmp_path):
     assert int(checkpoint.load(tmp_path / "m.best.pt")[0]["step"]) == 3
 
 
+def test_a_fresh_run_removes_the_older_runs_best_checkpoint(story, tmp_path):
+    ckpt, best = tmp_path / "f.pt", tmp_path / "f.best.pt"
+    train(story, ckpt, "--num-epochs", 1, "--val-fraction", 0.2)
+    assert best.exists()
+    train(story, ckpt, "--num-epochs", 1, "--fresh")  # no validation: no best of its own
+    assert not best.exists()
+    train(story, ckpt, "--num-epochs", 1, "--val-fraction", 0.2, "--fresh")
+    new_run = checkpoint.load(ckpt)[1]["run_id"]
+    assert checkpoint.load(best)[1]["run_id"] == new_run  # replaced by this run's own
+    train(story, ckpt, "--num-epochs", 2, "--val-fraction", 0.2)  # resumed: the best is this run's, kept
+    assert checkpoint.load(best)[1]["run_id"] == new_run
+
+
 def test_eval_tokens_caps_the_validation_set(story, tmp_path):
     ckpt = tmp_path / "c.pt"
     train(story, ckpt, "--num-epochs", 1000, "--max-steps", 2, "--eval-every", 2, "--val-fraction", 0.3,

@@ -343,7 +343,7 @@ def open_corpus(directory: str | os.PathLike, tokenizer_sha256: str | None = Non
     if tokenizer_sha256 is not None and tok["sha256"] != tokenizer_sha256:
         raise CorpusError(f"{manifest.path} was prepared with tokenizer {tok.get('name')} (sha256 "
                           f"{tok['sha256'][:12]}), not the one in use (sha256 {tokenizer_sha256[:12]}); "
-                          "prepare it again with this tokenizer")
+                          f"pass --tokenizer {tok.get('name')} to use it as prepared, or prepare it again")
     corpus = Corpus(manifest.path, manifest, _open_split(manifest, "train"), _open_split(manifest, "val"))
     if verify:
         verify_corpus(corpus)

@@ -76,5 +76,5 @@ def test_a_corpus_of_another_tokenizer_is_one_line(corpus, tmp_path):
     assert trained.exit_code == 0, trained.output
     result = invoke("train", "--dataset", corpus, "--model", tmp_path / "m.pt", *FLAGS, "--tokenizer",
                     tmp_path / "t.model", "--num-epochs", 1)
-    assert result.exit_code == 1 and "prepare it again with this tokenizer" in result.output
+    assert result.exit_code == 1 and "pass --tokenizer mistral to use it as prepared" in result.output
     assert len(result.output.strip().splitlines()) == 1

@@ -80,10 +80,14 @@ def expand_kv_heads(state: dict[str, Tensor], config: ModelConfig, kv_heads: int
         for name in ("k_proj", "v_proj"):
             for kind in ("weight", "bias"):
                 key = f"model.layers.{i}.self_attn.{name}.{kind}"
-                if key in state and state[key].shape[0] == kv_heads * k:  # other shapes: refused by the caller
-                    rest = state[key].shape[1:]
-                    heads = state[key].reshape(kv_heads, k, *rest).repeat_interleave(group, dim=0)
-                    state[key] = heads.reshape(config.num_heads * k, *rest)
+                if key not in state:
+                    continue  # missing: refused by the caller
+                if state[key].shape[0] != kv_heads * k:  # as many rows as q has would pass the caller's shape check
+                    raise HFError(f"{key} has shape {tuple(state[key].shape)} but config.json implies "
+                                  f"{(kv_heads * k, *state[key].shape[1:])} (num_key_value_heads={kv_heads})")
+                rest = state[key].shape[1:]
+                heads = state[key].reshape(kv_heads, k, *rest).repeat_interleave(group, dim=0)
+                state[key] = heads.reshape(config.num_heads * k, *rest)
     return state
 
 
@@ -157,8 +161,9 @@ def _refuse(field: str, value, why: str):
     raise HFError(f"config.json: {field}={json.dumps(value)} is not supported ({why})")
 
 
-def from_hf_config(hf: dict) -> ModelConfig:
-    """The ModelConfig that computes what transformers computes for this config.json, or an HFError naming the field."""
+def from_hf_config(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
+    """The ModelConfig that computes what transformers computes for this config.json, or an HFError naming the field.
+    max_seq_len replaces max_position_embeddings as the context (see load_pretrained)."""
     architectures = hf.get("architectures") or {"llama": ["LlamaForCausalLM"], "mistral": ["MistralForCausalLM"]}.get(
         hf.get("model_type"), [hf.get("model_type")])
     if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
@@ -172,6 +177,9 @@ def from_hf_config(hf: dict) -> ModelConfig:
         value = hf.get(field)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise HFError(f"config.json: {field}={json.dumps(value)} must be a positive whole number")
+    for field in ("tie_word_embeddings", "attention_bias", "mlp_bias"):  # bool("false") would be True
+        if hf.get(field) is not None and not isinstance(hf[field], bool):
+            raise HFError(f"config.json: {field}={json.dumps(hf[field])} must be true or false")
     eps = hf.get("rms_norm_eps", 1e-6)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
         raise HFError(f"config.json: rms_norm_eps={json.dumps(eps)} must be a positive number")
@@ -180,20 +188,25 @@ def from_hf_config(hf: dict) -> ModelConfig:
     if hf.get("rope_scaling"):
         _refuse("rope_scaling", hf["rope_scaling"], "minifn has plain rotary embeddings")
     rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        _refuse("rope_parameters", rope, "it must be an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default" or set(rope) - {"rope_type", "type", "rope_theta"}:
         _refuse("rope_parameters", rope, "minifn has plain rotary embeddings")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         _refuse("partial_rotary_factor", hf["partial_rotary_factor"], "minifn rotates the whole head")
-    if hf.get("quantization_config"):
-        _refuse("quantization_config", hf["quantization_config"].get("quant_method"), "the weights are quantized")
+    if quantization := hf.get("quantization_config"):
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        _refuse("quantization_config", method, "the weights are quantized")
     heads, max_positions = hf["num_attention_heads"], hf.get("max_position_embeddings", 131072 if mistral else 2048)
+    context = max_seq_len or max_positions  # a sliding window no shorter than this context never drops a position
     kv_heads = hf.get("num_key_value_heads") or heads
     if heads % kv_heads:
         _refuse("num_key_value_heads", kv_heads, f"it must divide num_attention_heads={heads}")
     window = hf.get("sliding_window", 4096) if mistral else None  # MistralConfig's default when absent
-    if window is not None and window < max_positions:
-        _refuse("sliding_window", window, f"minifn attends to the whole context of {max_positions}")
+    if window is not None and window < context:
+        _refuse("sliding_window", window, f"minifn attends to the whole context of {context}; a context of at most "
+                f"{window}, as with minifn import --max-seq-len {window}, computes the same")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     if not hf.get("head_dim") and hf["hidden_size"] % heads:
         _refuse("head_dim", None, f"hidden_size {hf['hidden_size']} is not a multiple of {heads} heads")
@@ -207,7 +220,7 @@ def from_hf_config(hf: dict) -> ModelConfig:
     if head_dim % 2:
         _refuse("head_dim", head_dim, "rotary embeddings rotate pairs, so a head's size must be even")
     return ModelConfig(vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-                       num_heads=heads, head_dim=head_dim, ff_dim=hf["intermediate_size"], max_seq_len=max_positions,
+                       num_heads=heads, head_dim=head_dim, ff_dim=hf["intermediate_size"], max_seq_len=context,
                        bias=bias, eps=float(eps), rope_theta=float(theta),
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
@@ -319,7 +332,8 @@ def load_pretrained(directory: str | os.PathLike, device=None,
                     max_seq_len: int | None = None) -> tuple[Params, ModelConfig, Path]:
     """(float32 params, ModelConfig, path of tokenizer.model) from a Llama/Mistral-format directory.
     max_seq_len caps the context (default max_position_embeddings, often 32k+, which sizes generate's KV cache);
-    rotary positions carry no weights, so a shorter context computes the same on every input it accepts."""
+    rotary positions carry no weights, so a shorter context computes the same on every input it accepts (a Mistral
+    sliding window is checked against this context: within it the window drops nothing)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise HFError(f"model folder {directory} does not exist" if not directory.exists()
@@ -332,9 +346,7 @@ def load_pretrained(directory: str | os.PathLike, device=None,
         raise HFError(f"{directory / 'config.json'} is not valid JSON ({e})") from None
     if not isinstance(hf_config, dict):
         raise HFError(f"{directory / 'config.json'} is not a JSON object")
-    config = from_hf_config(hf_config)
-    if max_seq_len is not None:
-        config = dataclasses.replace(config, max_seq_len=max_seq_len)
+    config = from_hf_config(hf_config, max_seq_len)
     tokenizer_path = (directory / "tokenizer.model").resolve()
     if not tokenizer_path.is_file():
         raise HFError(f"{directory} has no tokenizer.model; minifn needs the SentencePiece model file")

@@ -276,6 +276,11 @@ def test_import_cli_writes_a_checkpoint_that_generate_and_eval_load(tmp_path, ti
     (lambda c: c.update(num_key_value_heads=0), "num_key_value_heads=0 must be a positive whole number"),
     (lambda c: c.update(head_dim=3), "head_dim=3 is not supported"),
     (lambda c: c.setdefault("rope_parameters", {"rope_type": "default"}).update(rope_theta="abc"), "rope_theta"),
+    (lambda c: c.update(rope_parameters="default"), 'rope_parameters="default" is not supported'),
+    (lambda c: c.update(tie_word_embeddings="false"), 'tie_word_embeddings="false" must be true or false'),
+    (lambda c: c.update(quantization_config="gptq"), 'quantization_config="gptq" is not supported'),
+    # k/v weights of 4 heads under a config of 2: transformers refuses the shapes, so must minifn
+    (lambda c: c.update(num_key_value_heads=2), "k_proj.weight has shape (32, 32) but config.json implies (16, 32)"),
     # an untied model's folder relabelled as tied: transformers 5 keeps its head, older versions drop it
     (lambda c: c.update(tie_word_embeddings=True), "set tie_word_embeddings to false"),
     (None, "tokenizer.model"),
@@ -295,6 +300,25 @@ def test_import_refusals_are_one_line_and_name_the_field(tmp_path, tiny_tokenize
         (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     assert_one_line_error(run("import", "--input", tmp_path / "hf", "--output", tmp_path / "out.pt"), field)
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_import_checks_a_sliding_window_against_the_context_it_gets(tmp_path, tiny_tokenizer):
+    """Mistral's sliding window drops nothing within a context no longer than the window: a shorter --max-seq-len
+    makes a windowed folder exact, and a longer one than the window (here max_position_embeddings) is refused."""
+    model = hf_random_model("mistral", dict(num_attention_heads=4, num_key_value_heads=4, sliding_window=16), 400, 14)
+    model.save_pretrained(tmp_path / "hf")  # max_position_embeddings=64: refused as it stands
+    shutil.copyfile(tiny_tokenizer, tmp_path / "hf" / "tokenizer.model")
+    assert_one_line_error(run("import", "--input", tmp_path / "hf", "--output", tmp_path / "a.pt"), "sliding_window=16")
+    params, config, _ = hf.load_pretrained(tmp_path / "hf", max_seq_len=16)
+    tokens = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(14))
+    torch.testing.assert_close(apply(params, tokens, config), hf_logits(model, tokens), atol=1e-5, rtol=1e-5)
+    model.config.max_position_embeddings = 16  # the window covers the folder's context, not a longer one
+    model.save_pretrained(tmp_path / "hf16")
+    shutil.copyfile(tiny_tokenizer, tmp_path / "hf16" / "tokenizer.model")
+    assert hf.load_pretrained(tmp_path / "hf16")[1].max_seq_len == 16
+    assert_one_line_error(run("import", "--input", tmp_path / "hf16", "--output", tmp_path / "b.pt", "--max-seq-len",
+                              48), "sliding_window=16", "context of 48")
+    assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()
 
 
 def test_import_refuses_pickled_weights_and_an_existing_output(tmp_path, tiny_tokenizer):

@@ -173,14 +173,15 @@ def _evaluator(eval_step, val_tokens, tok, spec: DataSpec, device,
     return evaluate
 
 
-def _init_source(source: str, device) -> tuple[dict, ModelConfig, str]:
-    """(params, model config, tokenizer sha256) of --init-from: a minifn checkpoint or a Hugging Face folder."""
+def _init_source(source: str, device, max_seq_len: int) -> tuple[dict, ModelConfig, str]:
+    """(params, model config, tokenizer sha256) of --init-from: a minifn checkpoint or a Hugging Face folder
+    (whose sliding window, if any, is checked against the run's context, max_seq_len)."""
     from minifn.tokenizer import sha256_file
 
     if Path(source).is_dir():
         from minifn.hf import load_pretrained
 
-        params, model, tokenizer_path = load_pretrained(source, device)
+        params, model, tokenizer_path = load_pretrained(source, device, max_seq_len=max_seq_len)
         return params, model, sha256_file(tokenizer_path)
     params, model, meta = checkpoint.load_params(source, device)
     return params, model, meta["tokenizer"]["sha256"]
@@ -315,7 +316,7 @@ def setup(config: Config, device: torch.device | None = None, rank: int = 0, wor
     if dc.batch_stride > config.model.max_seq_len:
         raise ConfigError(f"--batch-stride {dc.batch_stride} is larger than --max-seq-len {config.model.max_seq_len}:"
                           " tokens between windows would never be trained on")
-    init = _init_source(rc.init_from, device) if rc.init_from else None
+    init = _init_source(rc.init_from, device, config.model.max_seq_len) if rc.init_from else None
     if init is None:
         model = dataclasses.replace(config.model, vocab_size=tok.vocab_size)
     elif init[2] != tok.sha256:

@@ -357,3 +357,22 @@ def test_train_init_from_a_transformers_folder_starts_from_its_weights(tmp_path,
     other = run("train", "--dataset", story, "--model", tmp_path / "x.pt", "--init-from", tmp_path / "hf",
                 "--num-epochs", 1, "--compile", "off")  # with Mistral's tokenizer, not the folder's
     assert other.exit_code == 1 and "another tokenizer" in other.output
+
+
+def test_train_init_from_checks_a_sliding_window_against_the_runs_context(tmp_path, tiny_tokenizer):
+    """As import does: a windowed folder fine-tunes exactly within its window and is refused beyond it."""
+    model = hf_random_model("mistral", dict(num_attention_heads=4, num_key_value_heads=4, sliding_window=16), 400, 15)
+    model.save_pretrained(tmp_path / "hf")  # max_position_embeddings=64, longer than the window
+    shutil.copyfile(tiny_tokenizer, tmp_path / "hf" / "tokenizer.model")
+    story = story_file(tmp_path, 1200)
+
+    def train(name, max_seq_len):
+        return run("train", "--dataset", story, "--model", tmp_path / name, "--tokenizer", tiny_tokenizer,
+                   "--init-from", tmp_path / "hf", "--max-seq-len", max_seq_len, "--batch-stride", 8,
+                   "--batch-size", 1, "--max-steps", 1, "--compile", "off")
+
+    inside = train("inside.pt", 16)
+    assert inside.exit_code == 0, inside.output
+    beyond = train("beyond.pt", 32)
+    assert beyond.exit_code == 1 and "sliding_window=16" in beyond.output, beyond.output
+    assert len(beyond.output.strip().splitlines()) == 1 and not (tmp_path / "beyond.pt").exists()

@@ -458,6 +458,22 @@ def load_params(path: str | os.PathLike, device=None,
     return params, config, meta
 
 
+def trained_tokenizer(meta: dict, path, tokenizer: str | None = None):
+    """The tokenizer a checkpoint was trained with: the model file it records (by the path training resolved,
+    or 'mistral'), or tokenizer where that file moved; either must have the recorded sha256."""
+    from minifn.tokenizer import MISTRAL, load_tokenizer
+
+    recorded = meta["tokenizer"]
+    name = tokenizer or (MISTRAL if recorded["name"] == MISTRAL else recorded.get("path") or recorded["name"])
+    if not tokenizer and name != MISTRAL and not Path(name).is_file():
+        raise CheckpointError(f"{path} was trained with tokenizer {name}, which is not there any more; "
+                              "point --tokenizer at a copy of it")
+    tok = load_tokenizer(name)
+    if tok.sha256 != recorded["sha256"]:
+        raise CheckpointError(f"tokenizer {name} is not the one {path} was trained with (sha256 differs)")
+    return tok
+
+
 def metrics_path(path: str | os.PathLike) -> Path:
     """The per-step metrics log of a checkpoint: its own name plus .metrics.jsonl, never shared."""
     path = Path(path)

@@ -27,7 +27,7 @@ from minifn.config import ModelConfig
 from minifn.files import check_output_location, fsync_dir
 from minifn.hf_tokenizer import HFError, check_convertible, read_sentencepiece, tokenizer_files
 from minifn.model import Params, skeleton
-from minifn.tokenizer import MISTRAL, Tokenizer, load_tokenizer, mistral_model_path, sha256_file
+from minifn.tokenizer import MISTRAL, load_tokenizer, mistral_model_path, sha256_file
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # ModelConfig fields this file maps; a field added later must be handled here before export allows it.
@@ -261,31 +261,15 @@ def write_directory(output: str | os.PathLike, files: dict[str, dict | Path | Ca
     return output
 
 
-def read_checkpoint_weights(path: str | os.PathLike, weights: str = "raw") -> tuple[Params, ModelConfig, Tokenizer]:
-    """(params or their EMA, model config, the run's tokenizer checked by sha256) from a minifn checkpoint."""
-    tensors, meta = checkpoint.load(path, suggest_fresh=False)
-    config = ModelConfig.from_dict(meta["config"]["model"])
-    prefix = {"raw": "params.", "ema": "ema."}[weights]
-    params = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-    if weights == "ema" and not params:
-        raise HFError(f"checkpoint {path} has no EMA weights: it was trained without --ema")
-    expected = {name: tuple(p.shape) for name, p in skeleton(config).named_parameters()}
-    if {k: tuple(v.shape) for k, v in params.items()} != expected:
-        raise HFError(f"checkpoint {path} holds {prefix[:-1]} tensors that do not fit its own model config")
-    recorded = meta["tokenizer"]  # name as given ('mistral' or a path) and, since training resolves it, its path
-    tok = load_tokenizer(MISTRAL if recorded["name"] == MISTRAL else recorded.get("path") or recorded["name"])
-    if tok.sha256 != recorded["sha256"]:
-        raise HFError(f"tokenizer {tok.name} is not the one {path} was trained with (sha256 differs)")
-    return params, config, tok
-
-
-def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, weights: str = "raw") -> Path:
+def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, weights: str = "raw",
+                      tokenizer: str | None = None) -> Path:
     """Write a minifn checkpoint as a transformers directory: config.json, model.safetensors (float32 as trained),
-    generation_config.json and the tokenizer files."""
+    generation_config.json and the tokenizer files. tokenizer: the model file, where the recorded one moved."""
     from safetensors.torch import save_file
 
     refuse_existing_output(Path(output))  # before the work, and again when the folder is written
-    params, config, tok = read_checkpoint_weights(path, weights)
+    params, config, meta = checkpoint.load_params(path, weights=weights)
+    tok = checkpoint.trained_tokenizer(meta, path, tokenizer)
     tokenizer_path = mistral_model_path() if tok.name == MISTRAL else Path(tok.name)
     spm = read_sentencepiece(tokenizer_path)
     check_convertible(spm, tokenizer_path)

@@ -3,6 +3,7 @@ models give the same logits and greedy tokens in both libraries, tokenizers the 
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,27 @@ def test_export_cli_writes_what_transformers_needs_and_ema_weights(tmp_path, tin
     assert result.exit_code == 0 and "Exported ema weights" in result.output, result.output
     assert all(torch.equal(v, ema[k]) for k, v in hf.load_pretrained(tmp_path / "ema")[0].items())
     assert not all(torch.equal(v, params[k]) for k, v in hf.load_pretrained(tmp_path / "ema")[0].items())
+
+
+def test_export_takes_a_moved_tokenizer_as_generate_does(tmp_path, tiny_tokenizer):
+    config = minifn_config(400)
+    moved = tmp_path / "old" / "tok.model"
+    moved.parent.mkdir()
+    shutil.copyfile(tiny_tokenizer, moved)
+    ckpt = tmp_path / "m.pt"
+    checkpoint.save_params(ckpt, random_params(config, 7), config, tokenizer_header(moved))
+    moved.unlink()
+    assert_one_line_error(run("export", "--model", ckpt, "--output", tmp_path / "a"), "not there any more",
+                          "--tokenizer")
+    result = run("export", "--model", ckpt, "--output", tmp_path / "b", "--tokenizer", tiny_tokenizer)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b" / "tokenizer.model").read_bytes() == Path(tiny_tokenizer).read_bytes()
+    other = tmp_path / "other.model"
+    assert run("tokenizer", "train", "--input", story_file(tmp_path, 900), "--vocab-size", 300, "--output",
+               other).exit_code == 0
+    assert_one_line_error(run("export", "--model", ckpt, "--output", tmp_path / "c", "--tokenizer", other),
+                          "sha256 differs")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
 def test_export_refusals_are_one_line(tmp_path, tiny_tokenizer, monkeypatch):

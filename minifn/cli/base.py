@@ -199,18 +199,7 @@ weights_option = click.option("--weights", type=click.Choice(["raw", "ema"]), de
 def load_model(path: str, device, tokenizer: str | None = None, weights: str = "raw"):
     """(params, model config, tokenizer, header) from a checkpoint. The tokenizer is the one recorded in
     it (or --tokenizer), and must have the sha256 the model was trained with. weights: 'raw' or 'ema'."""
-    from minifn.checkpoint import CheckpointError, load_params
-    from minifn.tokenizer import load_tokenizer
+    from minifn.checkpoint import load_params, trained_tokenizer
 
     params, config, meta = load_params(path, device, weights)
-    recorded = meta["tokenizer"]
-    name = tokenizer or recorded.get("path") or recorded["name"]
-    if recorded["name"] == "mistral" and not tokenizer:
-        name = "mistral"
-    if not tokenizer and name != "mistral" and not Path(name).is_file():
-        raise CheckpointError(f"{path} was trained with tokenizer {name}, which is not there any more; "
-                              "point --tokenizer at a copy of it")
-    tok = load_tokenizer(name)
-    if tok.sha256 != recorded["sha256"]:
-        raise CheckpointError(f"tokenizer {name} is not the one {path} was trained with (sha256 differs)")
-    return params, config, tok, meta
+    return params, config, trained_tokenizer(meta, path, tokenizer), meta

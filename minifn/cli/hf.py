@@ -12,13 +12,15 @@ from minifn.cli.base import DEFAULT_CHECKPOINT, cli, one_line_errors
 @click.option("--output", required=True, help="Folder to create (absent or empty).")
 @click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
               help="The trained parameters, or their moving average (a run trained with --ema).")
+@click.option("--tokenizer", default=None, help="The SentencePiece model the checkpoint was trained with, where it "
+              "moved [the one it records].")
 @click.option("--verbose", is_flag=True)
 @one_line_errors
-def export(checkpoint_path, output, weights, verbose):
+def export(checkpoint_path, output, weights, tokenizer, verbose):
     """Write a checkpoint as a Llama-format folder that transformers loads (model, config, tokenizer)."""
     from minifn.hf import export_checkpoint
 
-    directory = export_checkpoint(checkpoint_path, output, weights)
+    directory = export_checkpoint(checkpoint_path, output, weights, tokenizer)
     click.echo(f"Exported {weights} weights of {checkpoint_path} to {directory}")
     click.echo(f"Load with: AutoModelForCausalLM.from_pretrained({str(directory)!r})")
 

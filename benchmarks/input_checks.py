@@ -53,8 +53,9 @@ Machine: {machine()}
 
 Command: `python benchmarks/input_checks.py {' '.join(sys.argv[1:])}`
 
-`check_inputs` (the batch's shape, dtype and id range, and the tree's names and shapes) runs before every call of the steps
-`make_train_step` returns. Its median time against the median step, one process; the share is check / step.
+`check_inputs` (the batch's shape, dtype and id range, and the tree's names and shapes) runs before every
+call of the steps `make_train_step` returns. Its median time against the median step, one process; the
+share is check / step.
 
 | config | check µs | compiled step (d) ms | share | eager donated step (c) ms | share |
 |---|---|---|---|---|---|

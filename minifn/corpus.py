@@ -119,6 +119,11 @@ def _require(condition: bool, where: Path, what: str) -> None:
         raise CorpusError(f"{where} {what}; prepare the corpus again (minifn prepare)")
 
 
+def _count(value) -> bool:
+    """A count a manifest may hold: a whole number, at least 0 (not a bool, not 3.0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _check_manifest(data, where: Path) -> None:
     """Shape and arithmetic of a manifest (not yet the files): every count adds up."""
     _require(isinstance(data, dict) and data.get("format") == FORMAT, where, f"is not a {FORMAT} manifest")
@@ -126,7 +131,8 @@ def _check_manifest(data, where: Path) -> None:
              f"this minifn reads version {VERSION}")
     for key, kind in [("tokenizer", dict), ("dtype", str), ("separator_id", int), ("documents", int),
                       ("tokens", int), ("splits", dict), ("split", dict), ("inputs", list)]:
-        _require(isinstance(data.get(key), kind), where, f"has no valid '{key}' field")
+        _require(isinstance(data.get(key), kind) and (kind is not int or _count(data[key])), where,
+                 f"has no valid '{key}' field")
     tok = data["tokenizer"]
     _require(isinstance(tok.get("sha256"), str) and isinstance(tok.get("vocab_size"), int), where,
              "has no tokenizer sha256 and vocab_size")
@@ -134,21 +140,26 @@ def _check_manifest(data, where: Path) -> None:
         token_dtype(tok["vocab_size"]).itemsize <= np.dtype(data["dtype"]).itemsize)
     _require(fits, where, f"has dtype {data['dtype']!r}, which cannot hold the vocabulary")
     _require(set(data["splits"]) <= set(SPLITS) and "train" in data["splits"], where, "has unknown or missing splits")
-    total = 0
+    total, files = 0, set()
     for split, entry in data["splits"].items():
         shards = entry.get("shards") if isinstance(entry, dict) else None
-        _require(isinstance(shards, list) and isinstance(entry.get("tokens"), int)
-                 and isinstance(entry.get("text_bytes"), int), where, f"has no shard list for the {split} split")
+        _require(isinstance(shards, list) and _count(entry.get("tokens")) and _count(entry.get("text_bytes")),
+                 where, f"has no valid shard list, token count and text bytes for the {split} split")
         for shard in shards:
-            _require(isinstance(shard, dict) and set(shard) == {"file", "tokens", "bytes", "sha256"}, where,
-                     f"has a malformed shard entry in the {split} split")
+            _require(isinstance(shard, dict) and set(shard) == {"file", "tokens", "bytes", "sha256"}
+                     and isinstance(shard["file"], str) and _count(shard["tokens"]) and _count(shard["bytes"]),
+                     where, f"has a malformed shard entry in the {split} split")
             _require(Path(shard["file"]).name == shard["file"] and shard["file"].endswith(".bin"), where,
                      f"names a shard outside the corpus ({shard['file']!r})")
+            _require(shard["file"] not in files, where, f"lists shard {shard['file']} twice")
+            files.add(shard["file"])
             _require(shard["bytes"] == shard["tokens"] * np.dtype(data["dtype"]).itemsize, where,
                      f"says {shard['file']} holds {shard['tokens']} tokens in {shard['bytes']} bytes")
         counted = sum(s["tokens"] for s in shards)
         _require(counted == entry["tokens"], where,
                  f"says the {split} split has {entry['tokens']} tokens but its shards hold {counted}")
+        _require(split == "train" or counted >= 2, where,
+                 f"has a {split} split of {counted} token(s), fewer than the 2 a score needs")
         total += counted
     _require(total == data["tokens"], where, f"says the corpus has {data['tokens']} tokens but its splits hold {total}")
     _require(data["documents"] >= 1 or total == 0, where, "counts no documents")
@@ -191,8 +202,8 @@ class _ShardFile:
     held open: a corpus of thousands of shards would otherwise exceed the usual limit of 1024 open files,
     and an open and a close cost microseconds against a step's milliseconds."""
 
-    def __init__(self, path: Path, dtype: np.dtype, tokens: int):
-        self.path, self.dtype, self.tokens = path, dtype, tokens
+    def __init__(self, path: Path, dtype: np.dtype, tokens: int, vocab_size: int | None = None):
+        self.path, self.dtype, self.tokens, self.vocab_size = path, dtype, tokens, vocab_size
 
     def __len__(self) -> int:
         return self.tokens
@@ -206,10 +217,18 @@ class _ShardFile:
             os.close(fd)
         if len(data) != (stop - start) * size:
             raise CorpusError(f"{self.path} is shorter than its manifest says (changed after it was opened?)")
-        return np.frombuffer(data, dtype=self.dtype)
+        ids = np.frombuffer(data, dtype=self.dtype)
+        if self.vocab_size is not None and ids.size and int(ids.max()) >= self.vocab_size:
+            at = start + int(np.argmax(ids >= self.vocab_size))
+            raise CorpusError(f"{self.path} holds id {int(ids.max())} at token {at}, outside the vocabulary of "
+                              f"{self.vocab_size}: it was changed or damaged; prepare the corpus again")
+        return ids
 
-    def array(self) -> np.ndarray:
-        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.tokens,))
+    def array(self, start: int, stop: int) -> np.ndarray:
+        """Tokens start..stop-1 as a memory map of just those (unmapped when dropped, so a scan of a whole
+        shard keeps one block's pages resident, not the shard's)."""
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=start * self.dtype.itemsize,
+                         shape=(stop - start,))
 
 
 class _InMemory:
@@ -224,8 +243,8 @@ class _InMemory:
     def read(self, start: int, stop: int) -> np.ndarray:
         return self.data[start:stop]
 
-    def array(self) -> np.ndarray:
-        return self.data
+    def array(self, start: int, stop: int) -> np.ndarray:
+        return self.data[start:stop]
 
 
 class TokenSequence:
@@ -287,13 +306,12 @@ class TokenSequence:
             yield from self[at : at + SCAN_BLOCK].tolist()
 
     def blocks(self, size: int = SCAN_BLOCK):
-        """The sequence as consecutive numpy arrays in the shards' dtype (memory maps), for whole-split scans."""
+        """The sequence as consecutive numpy arrays in the shards' dtype (a memory map per block), for whole-split
+        scans."""
         for part, begin, end in zip(self.parts, self.offsets, self.offsets[1:]):
             lo, hi = max(begin, self.start), min(end, self.stop)
-            if lo < hi:
-                array = part.array()
-                for at in range(lo, hi, size):
-                    yield array[at - begin : min(hi, at + size) - begin]
+            for at in range(lo, hi, size):
+                yield part.array(at - begin, min(hi, at + size) - begin)
 
     def astype(self, dtype) -> np.ndarray:
         """Every token in one in-memory array: a full copy, for small data and older callers only."""
@@ -330,7 +348,7 @@ def _open_split(manifest: Manifest, split: str) -> TokenSequence | None:
             raise CorpusError(f"shard {path} has {size} bytes but the manifest says {shard.tokens} tokens "
                               f"({shard.bytes} bytes): truncated or changed; prepare the corpus again")
         if shard.tokens:
-            parts.append(_ShardFile(path, manifest.dtype, shard.tokens))
+            parts.append(_ShardFile(path, manifest.dtype, shard.tokens, manifest.tokenizer["vocab_size"]))
     return TokenSequence(parts)
 
 

@@ -153,6 +153,21 @@ def test_directory_glob_and_file_inputs(mistral, tmp_path):
     assert manifest.documents == 3 and [r["format"] for r in manifest.data["inputs"]] == ["text"] * 3
 
 
+def test_a_glob_reads_files_in_the_order_their_directory_does(mistral, tmp_path):
+    """Globs sorted by the path's text ('a-b/' before 'a/'), directories by its parts ('a/' first), so one
+    corpus prepared from DIR and from 'DIR/**/*.txt' had other ids, another split and another digest."""
+    root = tmp_path / "data"
+    for name in ["a-b/x.txt", "a/y.txt", "a/z/w.txt", "a.txt"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name + "\n")
+    by_directory, _ = sources.expand_inputs([root])
+    assert sources.expand_inputs([str(root / "**" / "*.txt")])[0] == by_directory
+    assert sources.expand_inputs([str(root / "*")])[0] == by_directory
+    one = prepare([root], tmp_path / "dir", mistral, val_fraction=0.3)
+    other = prepare([str(root / "**" / "*.txt")], tmp_path / "glob", mistral, val_fraction=0.3)
+    assert one.content_sha256 == other.content_sha256
+
+
 @pytest.mark.parametrize("compressed", [False, True], ids=["jsonl", "jsonl.gz"])
 def test_jsonl_one_document_per_line(mistral, tmp_path, small_pieces, compressed):
     lines = [json.dumps({"id": i, "body": doc}) for i, doc in enumerate(DOCS)]
@@ -353,6 +368,60 @@ def test_a_manifest_that_lies_is_refused(prepared, lie, message):
     with pytest.raises(CorpusError, match=message) as e:
         open_corpus(prepared)
     assert one_line(e)
+
+
+@pytest.mark.parametrize("lie,message", [
+    (lambda d: [s.update(tokens=float(s["tokens"]), bytes=float(s["bytes"])) for s in d["splits"]["train"]["shards"]],
+     "has a malformed shard entry in the train split"),  # was a TypeError deep in the reader
+    (lambda d: d["splits"]["train"]["shards"].__setitem__(1, dict(d["splits"]["train"]["shards"][0])),
+     "lists shard train-00000.bin twice"),  # sizes match, so it silently read the first shard twice
+    (lambda d: d["splits"].update(val={"tokens": 0, "shards": [], "text_bytes": 0}) or d.update(
+        tokens=d["splits"]["train"]["tokens"]), "has a val split of 0 token"),  # training failed as a bug
+    (lambda d: d["splits"]["val"].update(text_bytes=-5), "no valid shard list, token count and text bytes"),
+    (lambda d: d.update(documents=True), "has no valid 'documents' field"),
+])
+def test_a_manifest_with_counts_of_the_wrong_kind_is_refused(prepared, lie, message):
+    edit_manifest(prepared, lie)
+    with pytest.raises(CorpusError, match=message) as e:
+        open_corpus(prepared)
+    assert one_line(e)
+
+
+def test_an_id_outside_the_vocabulary_is_one_line_when_a_window_reads_it(prepared, mistral):
+    """A shard damaged in place (same size, so opening it passes) stops at the first read of the bad id, with
+    the shard named, not as a token-range failure inside the train step (reported as a bug in minifn)."""
+    shard = prepared / "train-00001.bin"
+    ids = np.fromfile(shard, dtype=np.uint16)
+    ids[7] = 40000
+    ids.tofile(shard)
+    corpus = open_corpus(prepared, mistral.sha256)
+    assert corpus.train[:50].max() < mistral.vocab_size  # the first shard is fine
+    with pytest.raises(CorpusError, match=f"{shard} holds id 40000 at token 7, outside the vocabulary of 32000") as e:
+        list(batches(corpus.train, 8, 4, 2))
+    assert one_line(e)
+
+
+def test_a_whole_split_scan_keeps_one_block_resident(mistral, tmp_path, monkeypatch):
+    """blocks() mapped each shard whole, so a scan (prepare's byte count and split, verify) held every page of a
+    shard of up to --shard-tokens ids in its resident memory by the end; now one block's at a time."""
+    statm = "/proc/self/statm"
+    if not os.path.exists(statm):
+        pytest.skip("needs /proc")
+    path = tmp_path / "ids.bin"
+    np.arange(1 << 21, dtype=np.uint16).tofile(path)  # 4 MB
+    seq = TokenSequence.from_files([(path, 1 << 21)], np.uint16)
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident():
+        with open(statm) as f:
+            return int(f.read().split()[1]) * page
+
+    start, grown, total = resident(), 0, 0
+    for block in seq.blocks(1 << 14):  # 32 KB blocks
+        total += int(block.sum())
+        grown = max(grown, resident() - start)
+    assert total == sum(range(1 << 16)) * 32
+    assert grown < (1 << 20), f"resident memory grew by {grown} bytes over a 4 MB scan"
 
 
 def test_verification_catches_document_counts_changed_ids_and_ids_outside_the_vocabulary(prepared):

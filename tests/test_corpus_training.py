@@ -1,7 +1,9 @@
 """Training and evaluating on a prepared corpus: shards read per window, budgets, exact resume."""
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,3 +80,19 @@ def test_a_corpus_of_another_tokenizer_is_one_line(corpus, tmp_path):
                     tmp_path / "t.model", "--num-epochs", 1)
     assert result.exit_code == 1 and "pass --tokenizer mistral to use it as prepared" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_shard_damaged_in_place_is_one_line_not_a_bug(corpus, tmp_path):
+    """Same size, so opening passes; an id outside the vocabulary reached the step's range check and was
+    reported as an internal error of minifn (exit 70) after the steps before it."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus, damaged)
+    ids = np.fromfile(damaged / "val-00000.bin", dtype=np.uint16)
+    ids[3] = 60000
+    ids.tofile(damaged / "val-00000.bin")
+    result = invoke("train", "--dataset", damaged, "--model", tmp_path / "d.pt", *FLAGS, "--num-epochs", 1000,
+                    "--max-steps", 1, "--eval-every", 1)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {damaged / 'val-00000.bin'} holds id 60000 at token 3, outside the vocabulary of 32000: it was "
+        "changed or damaged; prepare the corpus again")

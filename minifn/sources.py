@@ -80,8 +80,7 @@ def expand_inputs(inputs) -> tuple[list[Path], list[Path]]:
                 raise CorpusError(f"input directory {given} has no {', '.join(DATA_SUFFIXES)} files")
         elif glob.has_magic(given):
             found = []
-            for match in sorted(glob.glob(given, recursive=True)):
-                match = Path(match)
+            for match in sorted(map(Path, glob.glob(given, recursive=True))):  # as a directory's files sort
                 found += [match] if match.is_file() else _in_directory(match)[0] if match.is_dir() else []
             if not found:
                 raise CorpusError(f"input pattern {given} matches no files")

@@ -143,6 +143,18 @@ def _text_bytes(seq: TokenSequence, table: tuple[np.ndarray, np.ndarray], separa
     return total
 
 
+def separator_of(tokenizer: Tokenizer) -> int:
+    """The id that joins documents: EOS, or BOS for a tokenizer without one (-1: neither)."""
+    return tokenizer.eos_id if tokenizer.eos_id >= 0 else tokenizer.bos_id
+
+
+def text_bytes(seq: TokenSequence, tokenizer: Tokenizer, at_start: bool) -> int:
+    """UTF-8 bytes of the text that seq's ids stand for inside a corpus (at_start: seq begins a document), for
+    bits per byte, without decoding it: one pass in blocks, in constant memory. Decoding would also drop the
+    leading space of a first token that continues a document."""
+    return _text_bytes(seq, decoded_bytes_table(tokenizer), separator_of(tokenizer), at_start)
+
+
 def _batches(pieces: Iterator, chars: int) -> Iterator[list]:
     batch, size = [], 0
     for item in pieces:
@@ -419,7 +431,7 @@ def prepare(inputs, output: str | os.PathLike, tokenizer: Tokenizer, *, val_frac
         raise CorpusError(f"shard size must be at least 1 token, got {shard_tokens}")
     files, skipped = expand_inputs(inputs)
     _check_output(output, overwrite)
-    separator = tokenizer.eos_id if tokenizer.eos_id >= 0 else tokenizer.bos_id
+    separator = separator_of(tokenizer)
     if separator < 0:
         raise CorpusError(f"tokenizer {tokenizer.name} has neither an EOS nor a BOS id to separate documents")
     records = [{"path": str(p.resolve()), "format": file_format(p), "bytes": p.stat().st_size,

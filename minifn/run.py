@@ -111,6 +111,7 @@ class Data:
     cached: bool
     seconds: float
     val_bytes: int | None = None  # UTF-8 bytes of the validation text, where the corpus records them
+    val_starts_document: bool = False  # the validation split begins a document (else it is a tail cut)
 
 
 def load_data(dc, tok) -> Data:
@@ -127,9 +128,11 @@ def load_data(dc, tok) -> Data:
         corpus, cached = open_corpus(dc.dataset, tok.sha256), True
         train, val = corpus.train, corpus.val
         val_bytes = corpus.manifest.text_bytes("val") if val is not None else None
+        starts_document = corpus.manifest.split["rule"] == "documents"
     else:
         encoded = encode_file(tok, dc.dataset)
         corpus, cached, train, val, val_bytes = encoded.corpus, encoded.cached, encoded.ids, None, None
+        starts_document = False  # --val-fraction cuts the file's tokens, mid-document
         if dc.val_fraction:
             cut = int(len(train) * (1 - dc.val_fraction))
             train, val = train.view(0, cut), train.view(cut)
@@ -139,7 +142,7 @@ def load_data(dc, tok) -> Data:
     if len(train) < 2:
         raise ConfigError(f"dataset {dc.dataset} has {len(train)} token(s); training needs at least 2")
     identity = {"sha256": corpus.manifest.content_sha256, "tokens": corpus.manifest.tokens}
-    return Data(train, val, identity, cached, time.perf_counter() - start, val_bytes)
+    return Data(train, val, identity, cached, time.perf_counter() - start, val_bytes, starts_document)
 
 
 def step_budget(rc, tokens_per_step: int) -> int | None:
@@ -155,12 +158,14 @@ def best_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.best{path.suffix}")
 
 
-def _evaluator(eval_step, val_tokens, tok, spec: DataSpec, device,
-               val_bytes: int | None = None) -> Callable[[TrainState], dict]:
+def _evaluator(eval_step, val_tokens, tok, spec: DataSpec, device, val_bytes: int | None = None,
+               starts_document: bool = False) -> Callable[[TrainState], dict]:
     """evaluate(state) -> validation loss, perplexity and bits per byte of the validation text (val_bytes, as a
-    prepared corpus records them for minifn eval, or else the decoded tokens' bytes), of the parameters and, for
-    a state with an EMA, of the average too (as ema_val_loss, ...)."""
-    num_bytes = max(1, val_bytes or len(tok.decode(val_tokens[:].tolist()).encode("utf-8")))
+    prepared corpus records them for minifn eval, or else counted from the tokens as prepare counts them), of
+    the parameters and, for a state with an EMA, of the average too (as ema_val_loss, ...)."""
+    from minifn.prepare import text_bytes
+
+    num_bytes = max(1, val_bytes or text_bytes(val_tokens, tok, starts_document))
 
     def scores(params, prefix: str) -> dict:
         loss, count = evaluate_tokens(eval_step, params, val_tokens, spec, device)
@@ -287,7 +292,8 @@ class Setup:
                               device=self.device)
         val = self.data.val.view(0, rc.eval_tokens + 1) if rc.eval_tokens else self.data.val
         whole = len(val) == len(self.data.val)  # the corpus's byte count is the whole split's
-        return _evaluator(step, val, self.tokenizer, self.spec, self.device, self.data.val_bytes if whole else None)
+        return _evaluator(step, val, self.tokenizer, self.spec, self.device, self.data.val_bytes if whole else None,
+                          self.data.val_starts_document)
 
 
 def setup(config: Config, device: torch.device | None = None, rank: int = 0, world_size: int = 1,

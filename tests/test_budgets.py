@@ -105,3 +105,20 @@ def test_eval_tokens_caps_the_validation_set(story, tmp_path):
     train(story, ckpt, "--num-epochs", 1000, "--max-steps", 2, "--eval-every", 2, "--val-fraction", 0.3,
           "--eval-tokens", 40)
     assert events(ckpt, "eval")[0]["val_tokens"] == 40
+
+
+def test_bits_per_byte_of_a_text_files_split_count_the_texts_own_bytes(story, tmp_path):
+    """--val-fraction cuts the file's tokens mid-document; the validation text is everything from the cut on,
+    so its bytes include the space the first validation token carries (which decoding that token drops)."""
+    from minifn.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    text = story.read_text()
+    ids = tok.encode(text)
+    fraction = next(f for f in (0.2, 0.25, 0.3, 0.35) if tok.piece(ids[int(len(ids) * (1 - f))]).startswith("\u2581"))
+    cut = int(len(ids) * (1 - fraction))
+    val_bytes = len(text.encode()) - len(tok.decode(ids[:cut]).encode())
+    ckpt = tmp_path / "b.pt"
+    train(story, ckpt, "--num-epochs", 1000, "--max-steps", 1, "--eval-every", 1, "--val-fraction", fraction)
+    (e,) = events(ckpt, "eval")
+    assert e["val_bpb"] == pytest.approx(e["val_loss"] * e["val_tokens"] / math.log(2) / val_bytes, rel=1e-12)

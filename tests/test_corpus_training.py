@@ -72,6 +72,20 @@ def test_resume_mid_epoch_from_shards_is_bit_identical(corpus, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_manifest_whose_vocabulary_was_edited_is_named(corpus, tmp_path):
+    import json
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(corpus, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["tokenizer"]["vocab_size"] = 100  # the tokenizer's sha256 still matches
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("train", "--dataset", edited, "--model", tmp_path / "m.pt", *FLAGS, "--num-epochs", 1)
+    assert result.exit_code == 1 and "says a vocabulary of 100 but its tokenizer has 32000" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_a_corpus_of_another_tokenizer_is_one_line(corpus, tmp_path):
     trained = invoke("tokenizer", "train", "--input", corpus.parent / "docs", "--vocab-size", 500, "--output",
                      tmp_path / "t.model")

@@ -220,6 +220,8 @@ def _train_locked(su, config: Config, folder: Path, configs: list[Config], names
                 if count >= budget:
                     break
             if done.batch < per_epoch:  # the step budget ended the sweep inside an epoch
+                if evaluate and not rc.eval_every:  # its epoch events never come: evaluate the end, as train does
+                    evaluate_all("eval", {"step": count})
                 break
             evaluate_all("epoch", {"epoch": done.epoch + 1, "epochs": rc.num_epochs, "step": count})
             for p in progress:

@@ -213,6 +213,19 @@ def test_a_sweep_ended_by_its_step_budget_inside_an_epoch_still_ranks_its_runs(s
         assert last["step"] == 3 and f"  {last['loss']:.4f}  {name}  {out}/{name}.pt" in result.output
 
 
+def test_a_step_budget_inside_an_epoch_ranks_by_the_validation_of_its_end(story, tmp_path):
+    """As train does: with a validation split, the end of a budget inside an epoch is evaluated, and the
+    ranking is by that, not by one batch's training loss or an older epoch's validation."""
+    out = tmp_path / "v"
+    result = invoke("sweep", "--dataset", story, "--output", out, *FLAGS, "--lr", "1e-3,1e-2", "--max-steps", 3)
+    assert result.exit_code == 0, result.output
+    assert "Runs ranked by validation loss:" in result.output
+    for name in ("lr=0.001", "lr=0.01"):
+        events = [json.loads(line) for line in checkpoint.metrics_path(out / f"{name}.pt").read_text().splitlines()]
+        (end,) = [e for e in events if e["kind"] == "eval"]
+        assert end["step"] == 3 and f"  {end['val_loss']:.4f}  {name}  {out}/{name}.pt" in result.output
+
+
 def test_a_config_file_gives_swept_settings_as_numbers_or_arrays(story, tmp_path):
     """minifn train's config file works for a sweep: `lr = 0.001` is one value (it was refused as not a
     string), and a TOML array sweeps, as comma-separated values do on the command line."""

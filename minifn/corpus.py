@@ -219,9 +219,9 @@ class _ShardFile:
             raise CorpusError(f"{self.path} is shorter than its manifest says (changed after it was opened?)")
         ids = np.frombuffer(data, dtype=self.dtype)
         if self.vocab_size is not None and ids.size and int(ids.max()) >= self.vocab_size:
-            at = start + int(np.argmax(ids >= self.vocab_size))
-            raise CorpusError(f"{self.path} holds id {int(ids.max())} at token {at}, outside the vocabulary of "
-                              f"{self.vocab_size}: it was changed or damaged; prepare the corpus again")
+            at = int(np.argmax(ids >= self.vocab_size))  # the first one
+            raise CorpusError(f"{self.path} holds id {int(ids[at])} at token {start + at}, outside the vocabulary "
+                              f"of {self.vocab_size}: it was changed or damaged; prepare the corpus again")
         return ids
 
     def array(self, start: int, stop: int) -> np.ndarray:
@@ -352,16 +352,19 @@ def _open_split(manifest: Manifest, split: str) -> TokenSequence | None:
     return TokenSequence(parts)
 
 
-def open_corpus(directory: str | os.PathLike, tokenizer_sha256: str | None = None, *,
+def open_corpus(directory: str | os.PathLike, tokenizer_sha256: str | None = None, *, vocab_size: int | None = None,
                 verify: bool = False) -> Corpus:
     """Open a prepared corpus after checking its manifest against the shard files (and against the
-    tokenizer, when its sha256 is given). verify=True also reads every id (see verify_corpus)."""
+    tokenizer, when its sha256 and vocab_size are given). verify=True also reads every id (see verify_corpus)."""
     manifest = read_manifest(directory)
     tok = manifest.tokenizer
     if tokenizer_sha256 is not None and tok["sha256"] != tokenizer_sha256:
         raise CorpusError(f"{manifest.path} was prepared with tokenizer {tok.get('name')} (sha256 "
                           f"{tok['sha256'][:12]}), not the one in use (sha256 {tokenizer_sha256[:12]}); "
                           f"pass --tokenizer {tok.get('name')} to use it as prepared, or prepare it again")
+    if vocab_size is not None and tok["vocab_size"] != vocab_size:  # the same model file: the manifest was edited
+        raise CorpusError(f"{manifest.path}/{MANIFEST} says a vocabulary of {tok['vocab_size']} but its tokenizer "
+                          f"has {vocab_size}: it was changed; prepare the corpus again")
     corpus = Corpus(manifest.path, manifest, _open_split(manifest, "train"), _open_split(manifest, "val"))
     if verify:
         verify_corpus(corpus)
@@ -372,7 +375,7 @@ def open_dataset(path: str | os.PathLike, tokenizer) -> Corpus:
     """What --dataset names: a prepared corpus directory (checked against the tokenizer), or a text file,
     which goes through the token cache (prepared as one document, no split), so both take one data path."""
     if Path(path).is_dir():
-        return open_corpus(path, tokenizer.sha256)
+        return open_corpus(path, tokenizer.sha256, vocab_size=tokenizer.vocab_size)
     from minifn.tokenizer import encode_file
 
     return encode_file(tokenizer, path).corpus

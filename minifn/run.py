@@ -117,7 +117,7 @@ class Data:
 def load_data(dc, tok) -> Data:
     """--dataset as token sequences: a prepared corpus folder with its fixed split, or a text file through
     the token cache, cut by --val-fraction (the tail of its tokens)."""
-    from minifn.corpus import CorpusError, open_corpus
+    from minifn.corpus import open_corpus
     from minifn.tokenizer import encode_file
 
     start = time.perf_counter()
@@ -125,11 +125,7 @@ def load_data(dc, tok) -> Data:
         if dc.val_fraction:
             raise ConfigError(f"--val-fraction cuts a text file; {dc.dataset} is a prepared corpus whose split was "
                               "fixed by minifn prepare (--val-fraction or --val-tokens there)")
-        corpus, cached = open_corpus(dc.dataset, tok.sha256), True
-        recorded = corpus.manifest.tokenizer["vocab_size"]
-        if recorded != tok.vocab_size:  # the same model file (by sha256): the manifest was edited
-            raise CorpusError(f"{corpus.path}'s manifest says a vocabulary of {recorded} but its tokenizer has "
-                              f"{tok.vocab_size}: it was changed; prepare the corpus again")
+        corpus, cached = open_corpus(dc.dataset, tok.sha256, vocab_size=tok.vocab_size), True
         train, val = corpus.train, corpus.val
         val_bytes = corpus.manifest.text_bytes("val") if val is not None else None
         starts_document = corpus.manifest.split["rule"] == "documents"

@@ -153,7 +153,7 @@ def _cached_corpus(entry: Path, tokenizer: Tokenizer, file_sha256: str) -> Corpu
     if not entry.exists() and not entry.is_symlink():
         return None
     try:
-        corpus = open_corpus(entry, tokenizer.sha256, verify=True)
+        corpus = open_corpus(entry, tokenizer.sha256, vocab_size=tokenizer.vocab_size, verify=True)
         if [record["sha256"] for record in corpus.manifest.data["inputs"]] == [file_sha256]:
             return corpus
     except CorpusError:
@@ -208,7 +208,7 @@ def encode_file(tokenizer: Tokenizer, path: str | os.PathLike, use_cache: bool =
         if not is_prepared(entry):
             raise
         # another process (a data-parallel rank) prepared the same entry meanwhile: use theirs
-    corpus = open_corpus(entry, tokenizer.sha256)
+    corpus = open_corpus(entry, tokenizer.sha256, vocab_size=tokenizer.vocab_size)
     return Encoded(corpus.train, time.perf_counter() - start, False, corpus)
 
 

@@ -392,7 +392,7 @@ def test_an_id_outside_the_vocabulary_is_one_line_when_a_window_reads_it(prepare
     the shard named, not as a token-range failure inside the train step (reported as a bug in minifn)."""
     shard = prepared / "train-00001.bin"
     ids = np.fromfile(shard, dtype=np.uint16)
-    ids[7] = 40000
+    ids[7], ids[9] = 40000, 50000  # the message names the first, not the largest
     ids.tofile(shard)
     corpus = open_corpus(prepared, mistral.sha256)
     assert corpus.train[:50].max() < mistral.vocab_size  # the first shard is fine

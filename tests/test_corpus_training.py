@@ -81,9 +81,13 @@ def test_a_manifest_whose_vocabulary_was_edited_is_named(corpus, tmp_path):
     manifest = json.loads((edited / "manifest.json").read_text())
     manifest["tokenizer"]["vocab_size"] = 100  # the tokenizer's sha256 still matches
     (edited / "manifest.json").write_text(json.dumps(manifest))
-    result = invoke("train", "--dataset", edited, "--model", tmp_path / "m.pt", *FLAGS, "--num-epochs", 1)
-    assert result.exit_code == 1 and "says a vocabulary of 100 but its tokenizer has 32000" in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    trained = invoke("train", "--dataset", corpus, "--model", tmp_path / "m.pt", *FLAGS, "--num-epochs", 1)
+    assert trained.exit_code == 0, trained.output
+    for command in (["train", "--dataset", edited, "--model", tmp_path / "e.pt", *FLAGS, "--num-epochs", 1],
+                    ["eval", "--dataset", edited, "--model", tmp_path / "m.pt"]):
+        result = invoke(*command)
+        assert result.exit_code == 1 and "says a vocabulary of 100 but its tokenizer has 32000" in result.output
+        assert len(result.output.strip().splitlines()) == 1
 
 
 def test_a_corpus_of_another_tokenizer_is_one_line(corpus, tmp_path):

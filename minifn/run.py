@@ -145,6 +145,11 @@ def load_data(dc, tok) -> Data:
     return Data(train, val, identity, cached, time.perf_counter() - start, val_bytes, starts_document)
 
 
+def run_length(steps_per_epoch: int, num_epochs: int, budget: int | None, start: int = 0) -> int:
+    """The step the run ends at: num_epochs epochs after step start, or the step budget, whichever is sooner."""
+    return min(start + steps_per_epoch * num_epochs, budget or math.inf)
+
+
 def step_budget(rc, tokens_per_step: int) -> int | None:
     """The step at which --max-steps or --max-tokens ends the run, whichever is sooner (None: neither set)."""
     budgets = [rc.max_steps] if rc.max_steps else []
@@ -238,7 +243,8 @@ def _resume(path: Path, header: dict, template: TrainState, config: Config, budg
         raise CheckpointError(f"checkpoint {path} was trained with tokenizer {saved['tokenizer']['name']!r}, not "
                               f"{header['tokenizer']['name']!r}; use the same --tokenizer, or --fresh")
     refused, applied = checkpoint.resume_changes(Config.from_dict(saved["config"]), config)
-    if saved["data"] != header["data"] and not config.run.new_data:
+    new_data = saved["data"] != header["data"]
+    if new_data and not config.run.new_data:
         refused.append(f"the dataset's contents ({saved['data']['tokens']} tokens, sha256 "
                        f"{saved['data']['sha256'][:12]} != {header['data']['tokens']} tokens, "
                        f"{header['data']['sha256'][:12]}; --new-data keeps the model and restarts the data)")
@@ -246,18 +252,18 @@ def _resume(path: Path, header: dict, template: TrainState, config: Config, budg
         raise CheckpointError(f"checkpoint {path} cannot resume with these settings ({'; '.join(refused)}); use the "
                               "checkpoint's settings, another --model path, or --fresh")
     state, progress = checkpoint.load_state(tensors, saved, template)
-    if saved["data"] != header["data"]:
+    if new_data:  # the epochs count again on the new data; the step budget does not restart
         progress = checkpoint.Progress(history=progress.history)
         applied.append("new data: the data position restarts at epoch 1")
     elif progress.epoch >= config.run.num_epochs:
         raise CheckpointError(f"checkpoint {path} has already trained {progress.epoch} epoch(s), and "
                               f"--num-epochs is {config.run.num_epochs}: nothing to do; raise --num-epochs to "
                               "train further")
-    elif budget is not None and int(state.step) >= budget:
+    if budget is not None and int(state.step) >= budget:
         raise CheckpointError(f"checkpoint {path} has already taken {int(state.step)} steps, the whole budget of "
                               f"this run ({budget}): nothing to do; raise --max-steps or --max-tokens")
     header["run_id"] = saved["run_id"]
-    return state, progress, applied, saved["data"] != header["data"]
+    return state, progress, applied, new_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +343,7 @@ def setup(config: Config, device: torch.device | None = None, rank: int = 0, wor
     _refuse_padding_only_shapes(len(data.train), spec)
     steps_per_epoch = spec.steps_per_epoch(len(data.train))
     budget = step_budget(rc, dc.batch_size * world_size * dc.grad_accum_steps * spec.seq_len)
-    total_steps = min(steps_per_epoch * rc.num_epochs, budget or math.inf)
+    total_steps = run_length(steps_per_epoch, rc.num_epochs, budget)
     optimizer, schedule = optimizer_from_config(config.optim, steps_per_epoch, total_steps)
     return Setup(config, device, autocast_dtype, tok, {"name": tok.name, "sha256": tok.sha256, "path": tok_path},
                  data, spec, steps_per_epoch, budget, total_steps, optimizer, schedule, init)
@@ -378,7 +384,7 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
         if path.exists() and path.stat().st_size and not rc.fresh:  # an empty file is a place to write
             state, progress, applied, new_data = _resume(path, header, state, config, su.budget)
             if new_data:  # --num-epochs counts epochs of the new data, after the steps already taken
-                total = min(int(state.step) + su.steps_per_epoch * rc.num_epochs, su.budget or math.inf)
+                total = run_length(su.steps_per_epoch, rc.num_epochs, su.budget, start=int(state.step))
                 optimizer, schedule = optimizer_from_config(config.optim, su.steps_per_epoch, total)
                 su = dataclasses.replace(su, total_steps=total, optimizer=optimizer, schedule=schedule)
         # The config is the truth for every hyperparameter, restored state or not.

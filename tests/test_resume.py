@@ -162,6 +162,20 @@ def test_new_data_schedule_spans_the_steps_taken_and_the_new_epochs(tmp_path):
     assert [e["lr"] for e in logged[before:]] == pytest.approx(expected, rel=1e-5)
 
 
+def test_new_data_with_a_step_budget_already_spent_is_nothing_to_do(tmp_path):
+    """--new-data restarts the epochs, not the steps: a --max-steps the checkpoint has already reached trains
+    nothing, and says so instead of rewriting the checkpoint with the new data's identity."""
+    story = story_file(tmp_path, 600)
+    path = tmp_path / "m.pt"
+    assert invoke("train", "--dataset", story, "--model", path, *TINY_FLAGS, "--max-steps", 3).exit_code == 0
+    before = path.read_bytes()
+    edited = tmp_path / "edited.txt"
+    edited.write_text(story.read_text()[:300])
+    result = invoke("train", "--dataset", edited, "--model", path, *TINY_FLAGS, "--max-steps", 2, "--new-data")
+    assert result.exit_code == 1 and "has already taken 3 steps, the whole budget of this run (2)" in result.output
+    assert path.read_bytes() == before
+
+
 def test_fewer_epochs_than_trained_is_nothing_to_do(saved, tmp_path):
     result, copy = resume(saved, tmp_path, epochs=1)
     assert result.exit_code == 1 and "already trained 2 epoch(s)" in result.output

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from minifn.config import REFUSE, SECTIONS, Config, ConfigError, ModelConfig
 from minifn.files import fsync_dir
+from minifn.model import misfit
 
 FORMAT = "minifn-checkpoint-2"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's container
@@ -382,19 +383,6 @@ def state_contents(state, progress: Progress, header: dict) -> tuple[dict[str, T
     return tensors, meta
 
 
-def _misfit(params: dict[str, Tensor], config: ModelConfig) -> str | None:
-    """How params (by name) differ from config's parameters, or None if they fit."""
-    from minifn.model import skeleton
-
-    expected = {name: tuple(shape) for name, shape in skeleton(config).shapes.items()}
-    got = {k: tuple(v.shape) for k, v in params.items()}
-    missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-    if missing or extra:
-        return f"missing {missing[:3]}" if missing else f"unknown {extra[:3]}"
-    shapes = [k for k in expected if got[k] != expected[k]]
-    return f"{shapes[0]} is {list(got[shapes[0]])}, the config says {list(expected[shapes[0]])}" if shapes else None
-
-
 def _refuse_unloadable(tensors: dict[str, Tensor], meta: dict) -> None:
     """A checkpoint that load would refuse (a header short of what validate_header asks, parameters or an EMA
     that do not fit the header's model config) is a caller's mistake, refused before anything is written."""
@@ -407,7 +395,7 @@ def _refuse_unloadable(tensors: dict[str, Tensor], meta: dict) -> None:
         part = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         if prefix == "ema." and not part:  # trained without an EMA
             continue
-        why = _misfit(part, config)
+        why = misfit(part, config)
         if why:
             raise ValueError(f"refusing to save a checkpoint whose {prefix[:-1]} do not fit its header's model "
                              f"config: {why}")
@@ -452,7 +440,7 @@ def load_params(path: str | os.PathLike, device=None,
     if weights == "ema" and not params:
         raise CheckpointError(f"checkpoint {path} has no EMA weights: it was trained without --ema; "
                               "use --weights raw")
-    why = _misfit(params, config)
+    why = misfit(params, config)
     if why:
         raise CheckpointError(f"checkpoint {path} holds parameters that do not fit its own model config ({why})")
     return params, config, meta

@@ -193,24 +193,26 @@ def _bound(config: ModelConfig, params: Params, args: tuple, kwargs: dict):
     return functional_call(skeleton(config), params, args, kwargs, tie_weights=False)
 
 
-def check_params(params: Params, config: ModelConfig) -> None:
-    """Raise KeyError unless params has exactly the names the config's model has."""
-    names = skeleton(config).names
-    if params.keys() != names:
-        missing, unexpected = names - params.keys(), params.keys() - names
-        raise KeyError(f"the parameter tree does not fit the config: missing {sorted(missing)}, "
-                       f"unexpected {sorted(unexpected)}")
-
-
-def check_shapes(params: Params, config: ModelConfig, stacked: bool = False) -> None:
-    """Raise ValueError unless each parameter has the config's shape (after a leading member axis if stacked).
-    apply takes its sizes from the tensors, so a tree of another width or vocabulary would run silently
-    (and the steps' id check, against config.vocab_size, would pass ids past a smaller embedding)."""
-    for name, shape in skeleton(config).shapes.items():
+def misfit(params: Params, config: ModelConfig, *, shapes: bool = True, stacked: bool = False) -> str | None:
+    """How a parameter tree differs from the config's model, or None if it fits: missing or unexpected names,
+    or (with shapes) the first leaf of another shape, after a leading member axis if stacked."""
+    model = skeleton(config)
+    if params.keys() != model.names:
+        return f"missing {sorted(model.names - params.keys())}, unexpected {sorted(params.keys() - model.names)}"
+    for name, shape in model.shapes.items() if shapes else ():
         got = params[name].shape[1:] if stacked else params[name].shape
         if got != shape:
-            raise ValueError(f"parameter {name} has shape {list(got)} but the config's model has {list(shape)}: "
-                             "the tree was made for another config")
+            return f"{name} has shape {list(got)} where the config's model has {list(shape)}"
+    return None
+
+
+def check_params(params: Params, config: ModelConfig, *, shapes: bool = False, stacked: bool = False) -> None:
+    """Raise ValueError unless params has the config's names (and, with shapes, its shapes; see misfit). apply
+    checks the names; the steps check shapes too, since apply takes its sizes from the tensors: a tree of
+    another width or vocabulary would run silently, and ids would pass a smaller embedding's end."""
+    why = misfit(params, config, shapes=shapes, stacked=stacked)
+    if why:
+        raise ValueError(f"the parameter tree does not fit the config: {why}")
 
 
 def apply(params: Params, tokens_BT: Tensor, config: ModelConfig, *, dropout_rate: float = 0.0,

@@ -25,7 +25,7 @@ from minifn import noise, optim, rng, trees
 from minifn.compiling import DROPOUT_OPTIONS, maybe_compile
 from minifn.config import ModelConfig
 from minifn.losses import IGNORE_INDEX, Loss, cross_entropy
-from minifn.model import Params, apply, check_params, check_shapes, skeleton
+from minifn.model import Params, apply, check_params, skeleton
 from minifn.rng import fold_in
 
 Batch = tuple[Tensor, Tensor]  # (inputs, targets): [B, T], or [A, B, T] for A accumulation micro-batches
@@ -238,12 +238,11 @@ def check_batch(batch, config: ModelConfig) -> None:
 
 
 def check_inputs(params: Params, batch, config: ModelConfig, log_gns: bool = False, stacked: bool = False) -> None:
-    """check_params, check_shapes and check_batch: what the steps' factories run before every call, outside
+    """check_params (names and shapes) and check_batch: what the steps' factories run before every call, outside
     any compiled code, so a user's mistake is a clear error rather than a failed trace or a silent wrong step.
     stacked: params are a sweep's, [K, ...] per leaf. log_gns (in one process: data-parallel ranks add
     micro-batches) also needs two or more micro-batches, without which every estimate is NaN."""
-    check_params(params, config)
-    check_shapes(params, config, stacked)
+    check_params(params, config, shapes=True, stacked=stacked)
     check_batch(batch, config)
     if log_gns and (batch[0].ndim == 2 or batch[0].shape[0] < 2):
         raise ValueError("log_gns compares micro-batch gradients with their sum: it needs a batch [A, B, T] of "

@@ -70,9 +70,9 @@ def test_a_tree_that_does_not_fit_the_config_is_refused_by_name(tiny):
     params = init_params(tiny, seed=0)
     tokens = torch.randint(0, tiny.vocab_size, (1, 4))
     missing = {k: v for k, v in params.items() if k != "norm.weight"}
-    with pytest.raises(KeyError, match=r"missing \['norm.weight'\], unexpected \[\]"):
+    with pytest.raises(ValueError, match=r"missing \['norm.weight'\], unexpected \[\]"):
         apply(missing, tokens, tiny)
-    with pytest.raises(KeyError, match=r"missing \[\], unexpected \['extra'\]"):
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['extra'\]"):
         apply({**params, "extra": torch.zeros(1)}, tokens, tiny)
 
 

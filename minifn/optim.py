@@ -104,19 +104,34 @@ def _present(field) -> bool:
     return not (type(field) is tuple and len(field) == 0)
 
 
+_MADE_BY_ANOTHER = "step a state with the update of the optimizer whose init made it"
+
+
+def _kind(kind: type, fields: list[tuple[str, bool]]) -> str:
+    """A state kind and its optional fields, e.g. 'ScaleByAdamState (nu_max absent)'."""
+    if not fields:
+        return kind.__name__
+    return f"{kind.__name__} ({', '.join(f'{f} built' if b else f'{f} absent' for f, b in fields)})"
+
+
 def _expect(state, kind: type, **built: bool) -> None:
     """Refuse a state that another optimizer's init made: a kind other than this block's, or one whose
     optional fields (name=whether this block was built with it) differ, which would otherwise fail deep
     in the update with an error that names neither optimizer."""
     if isinstance(state, kind) and all(_present(getattr(state, f)) == want for f, want in built.items()):
         return
-    def describe(kind, fields):
-        return kind.__name__ + (" (" + ", ".join(f"{f} {'built' if b else 'absent'}" for f, b in fields) + ")"
-                                if fields else "")
-
     got = [(f, _present(getattr(state, f))) for f in built] if isinstance(state, kind) else []
-    raise TypeError(f"this update takes a {describe(kind, built.items())}, got a {describe(type(state), got)}: "
-                    "step a state with the update of the optimizer whose init made it")
+    raise TypeError(f"this update takes a {_kind(kind, list(built.items()))}, got a {_kind(type(state), got)}: "
+                    f"{_MADE_BY_ANOTHER}")
+
+
+def _expect_chain(state, n: int) -> None:
+    """Refuse a chain state that is not a plain tuple of n states (a NamedTuple is one block's state)."""
+    plain = isinstance(state, tuple) and not hasattr(state, "_fields")
+    if plain and len(state) == n:
+        return
+    got = f"a tuple of {len(state)}" if plain else f"a {type(state).__name__}"
+    raise TypeError(f"this chain of {n} takes a tuple of {n} states, got {got}: {_MADE_BY_ANOTHER}")
 
 
 def _need_params(params, block: str) -> None:
@@ -326,7 +341,7 @@ def scale_by_learning_rate(lr: float, schedule: Schedule | None = None, weight_d
         return ScaleByLearningRateState(_count(params), _value(lr, params), decay, warmup)
 
     def update(grads, state, params=None, *, inplace=False):
-        _expect(state, ScaleByLearningRateState, weight_decay=weight_decay is not None)  # warm-up: the state's
+        _expect(state, ScaleByLearningRateState, weight_decay=weight_decay is not None)  # warm-up: read from the state
         g = trees.leaves(grads)
         constant = schedule is None and isinstance(state.warmup_steps, tuple)
         lr_t = state.lr if constant else _once(_scheduled_lr(state, schedule))
@@ -350,12 +365,6 @@ def current_lr(state: Tree, schedule: Schedule | None = None) -> Tensor:
     raise ValueError("this optimizer state has no learning rate")
 
 
-def _describe(state) -> str:
-    if isinstance(state, tuple) and not hasattr(state, "_fields"):
-        return f"a tuple of {len(state)}"
-    return f"a {type(state).__name__}"
-
-
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply transforms in order; the state is the tuple of their states. The chain has a fused_step when
     its last transform does (e.g. clipping before adamw): the others update, the last one fuses; when the
@@ -365,9 +374,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     def update(grads, state, params=None, *, inplace=False):
-        if not isinstance(state, tuple) or hasattr(state, "_fields") or len(state) != len(transforms):
-            raise TypeError(f"this chain of {len(transforms)} takes a tuple of {len(transforms)} states, got "
-                            f"{_describe(state)}: step a state with the update of the optimizer whose init made it")
+        _expect_chain(state, len(transforms))
         new_state = []
         for t, s in zip(transforms, state):
             grads, s = run_update(t, grads, s, params, inplace=inplace)
@@ -450,9 +457,7 @@ def _fused_adam(decoupled: bool, amsgrad: bool, schedule: Schedule | None):
     values bit for bit (without a grad_scale)."""
 
     def fused_step(grads, state, params, grad_scale=None):
-        if not isinstance(state, tuple) or hasattr(state, "_fields") or len(state) != 3 - decoupled:
-            raise TypeError(f"this chain of {3 - decoupled} takes a tuple of {3 - decoupled} states, got "
-                            f"{_describe(state)}: step a state with the update of the optimizer whose init made it")
+        _expect_chain(state, 3 - decoupled)
         *l2, moments, rate = state
         _expect(moments, ScaleByAdamState, nu_max=amsgrad)
         _expect(rate, ScaleByLearningRateState, weight_decay=decoupled)

@@ -206,7 +206,7 @@ def from_hf_config(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
     window = hf.get("sliding_window", 4096) if mistral else None  # MistralConfig's default when absent
     if window is not None and window < context:
         _refuse("sliding_window", window, f"minifn attends to the whole context of {context}; a context of at most "
-                f"{window}, as with minifn import --max-seq-len {window}, computes the same")
+                f"{window} (--max-seq-len {window}) computes the same")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     if not hf.get("head_dim") and hf["hidden_size"] % heads:
         _refuse("head_dim", None, f"hidden_size {hf['hidden_size']} is not a multiple of {heads} heads")

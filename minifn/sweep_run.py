@@ -96,10 +96,15 @@ def train_sweep(config: Config, members: list[dict], folder: str | Path, *,
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ConfigError(f"two members of the sweep would be the same run: {', '.join(twice)}")
-    if rc.init_from and len({c.run.seed for c in configs}) > 1 and any(c.run.dropout == 0 for c in configs):
-        raise ConfigError("with --init-from, members that differ only in --seed would be the same run where "
-                          "--dropout is 0: the weights come from the checkpoint and the batch order is shared; "
-                          "sweep the seeds with --dropout above 0, or drop them")
+    if rc.init_from:  # the weights are the checkpoint's and the batch order the sweep's: a seed only draws masks
+        runs: dict[tuple, list[str]] = {}
+        for values, c, name in zip(members, configs, names):
+            run = tuple(sorted((k, v) for k, v in values.items() if k != "seed" or c.run.dropout))
+            runs.setdefault(run, []).append(name)
+        if twins := next((group for group in runs.values() if len(group) > 1), None):
+            raise ConfigError(f"with --init-from, {' and '.join(twins)} would be the same run: a seed only draws "
+                              "dropout masks there (the weights come from the checkpoint and the batch order is "
+                              "shared); sweep the seeds with --dropout above 0, or drop them")
     for flag, on in (("--log-gns", rc.log_gns), ("--save-every-steps", rc.save_every_steps),
                      ("--new-data", rc.new_data)):
         if on:

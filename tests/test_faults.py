@@ -218,7 +218,8 @@ def test_a_header_from_another_model_is_refused_before_anything_is_written(tmp_p
     good = checkpoint.save_params(tmp_path / "p.pt", state.params, small, {"name": "t", "sha256": "0"})
     tensors, meta = checkpoint.load(good)  # tampered with afterwards: load names the leaf
     checkpoint.save(good, {**tensors, "params.extra": torch.zeros(1)}, meta)
-    with pytest.raises(checkpoint.CheckpointError, match=r"do not fit its own model config \(missing \[\], unexpected \['extra'\]\)"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"do not fit its own model config \(missing \[\], unexpected \['extra'\]\)"):
         checkpoint.load_params(good)
     with pytest.raises(ValueError, match="weights must be 'raw' or 'ema', got 'EMA'"):
         checkpoint.load_params(good, weights="EMA")

@@ -193,8 +193,17 @@ def test_seeds_that_would_vary_nothing_after_init_from_are_refused(story, tmp_pa
     sweep = lambda *flags: invoke("sweep", "--dataset", story, "--init-from", start, *FLAGS,  # noqa: E731
                                   "--max-steps", 2, *flags)
     result = sweep("--output", tmp_path / "same", "--seed", "0,1")
-    assert result.exit_code == 1 and "differ only in --seed would be the same run" in result.output
+    assert result.exit_code == 1 and "seed=0 and seed=1 would be the same run: a seed only draws" in result.output
     assert not (tmp_path / "same").exists()
+    from minifn import Config
+    from minifn.config import DataConfig, ModelConfig, RunConfig
+    from minifn.sweep_run import train_sweep
+
+    tiny = ModelConfig(embed_dim=16, num_heads=2, head_dim=8, num_layers=1, ff_dim=32, max_seq_len=32)
+    shared = Config(model=tiny, data=DataConfig(dataset=str(story), batch_size=2, batch_stride=16),
+                    run=RunConfig(init_from=str(start), max_steps=1, compile="off"))
+    # seeds that differ along with another setting are two runs: accepted
+    train_sweep(shared, [{"seed": 0, "lr": 1e-4}, {"seed": 1, "lr": 3e-4}], tmp_path / "api")
     result = sweep("--output", tmp_path / "masks", "--seed", "0,1", "--dropout", "0.2")
     assert result.exit_code == 0, result.output
     a, b = (params(tmp_path / "masks" / f"seed={s}.pt") for s in (0, 1))

@@ -387,9 +387,9 @@ def _refuse_unloadable(tensors: dict[str, Tensor], meta: dict) -> None:
     """A checkpoint that load would refuse (a header short of what validate_header asks, parameters or an EMA
     that do not fit the header's model config) is a caller's mistake, refused before anything is written."""
     try:
-        validate_header(meta, "to be saved")
+        validate_header(meta, "(new)")
     except CheckpointError as e:
-        raise ValueError(f"refusing to save: {e}") from None
+        raise ValueError(f"refusing to save a checkpoint that could not be loaded: {e}") from None
     config = ModelConfig.from_dict(meta["config"]["model"])
     for prefix in ("params.", "ema."):
         part = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}

@@ -134,7 +134,7 @@ def _check_manifest(data, where: Path) -> None:
         _require(isinstance(data.get(key), kind) and (kind is not int or _count(data[key])), where,
                  f"has no valid '{key}' field")
     tok = data["tokenizer"]
-    _require(isinstance(tok.get("sha256"), str) and isinstance(tok.get("vocab_size"), int), where,
+    _require(isinstance(tok.get("sha256"), str) and _count(tok.get("vocab_size")) and tok["vocab_size"] > 0, where,
              "has no tokenizer sha256 and vocab_size")
     fits = data["dtype"] in ("uint16", "uint32") and (
         token_dtype(tok["vocab_size"]).itemsize <= np.dtype(data["dtype"]).itemsize)

@@ -187,7 +187,7 @@ def _parquet_pieces(path: Path, field: str, size: int | None) -> Iterator[Piece]
     names = table.schema_arrow.names
     if field not in names:
         raise MissingTextField(f"{path} has no column '{field}' (it has {', '.join(names)})",
-                               "; choose one with --text-field")
+                               " (choose it with --text-field)")
     rows, file_bytes = max(table.metadata.num_rows, 1), path.stat().st_size
     row = 0
     for batch in table.iter_batches(batch_size=PARQUET_ROWS, columns=[field]):

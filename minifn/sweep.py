@@ -138,7 +138,7 @@ def make_sweep_step(config: ModelConfig, optimizer: optim.GradientTransformation
       compile: 'auto', 'on' or 'off' (see minifn.compiling).
       device: where the states live; decides whether compiling is possible."""
     skeleton(config)
-    for rate in dropout_rates or [0.0]:  # the reduction, and each member's rate, as make_train_step checks them
+    for rate in [0.0, *(dropout_rates or [])]:  # the reduction once, then each member's rate, as make_train_step
         check_step_settings(reduction, rate)
     device = torch.device(device)
     rates = None

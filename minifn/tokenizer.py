@@ -179,15 +179,13 @@ def encode_file(tokenizer: Tokenizer, path: str | os.PathLike, use_cache: bool =
     on every use and rebuilt when anything is off; use_cache=False prepares into a temporary folder and
     returns the ids in memory."""
     from minifn.corpus import CorpusError, TokenSequence, is_prepared, open_corpus
-    from minifn.prepare import prepare
-    from minifn.sources import MissingTextField
 
     start = time.perf_counter()
     path = Path(path)
     _check_dataset(path)
     if not use_cache:
         with tempfile.TemporaryDirectory() as folder:
-            corpus = open_corpus(prepare([path], Path(folder) / "corpus", tokenizer).path)
+            corpus = open_corpus(_prepare_one(path, Path(folder) / "corpus", tokenizer).path)
             ids = TokenSequence.from_arrays(np.concatenate(list(corpus.train.blocks())))
         return Encoded(ids, time.perf_counter() - start, False)
     file_sha256 = sha256_file(path)
@@ -197,10 +195,7 @@ def encode_file(tokenizer: Tokenizer, path: str | os.PathLike, use_cache: bool =
         return Encoded(corpus.train, time.perf_counter() - start, True, corpus)
     _make_cache_folder(entry.parent)
     try:
-        prepare([path], entry, tokenizer)
-    except MissingTextField as e:  # the commands that read a file directly have no --text-field
-        raise CorpusError(f"{e.problem}; a file given here is read by that field only (minifn prepare --text-field "
-                          "NAME reads another into a corpus folder, which train and eval take)") from None
+        _prepare_one(path, entry, tokenizer)
     except OSError as e:
         raise TokenizerError(f"could not write the token cache in {entry.parent} ({e.strerror or e}); nothing was "
                              "left behind; free some space there or set MINIFN_CACHE_DIR to another folder") from None
@@ -210,6 +205,20 @@ def encode_file(tokenizer: Tokenizer, path: str | os.PathLike, use_cache: bool =
         # another process (a data-parallel rank) prepared the same entry meanwhile: use theirs
     corpus = open_corpus(entry, tokenizer.sha256, vocab_size=tokenizer.vocab_size)
     return Encoded(corpus.train, time.perf_counter() - start, False, corpus)
+
+
+def _prepare_one(path: Path, output: Path, tokenizer: Tokenizer):
+    """prepare([path], output): the commands that read a file directly have no --text-field, so a JSONL or
+    Parquet file without the default field says how to read another."""
+    from minifn.corpus import CorpusError
+    from minifn.prepare import prepare
+    from minifn.sources import MissingTextField
+
+    try:
+        return prepare([path], output, tokenizer)
+    except MissingTextField as e:
+        raise CorpusError(f"{e.problem}; a file given here is read by that field only (minifn prepare --text-field "
+                          "NAME reads another into a corpus folder, which train and eval take)") from None
 
 
 # --------------------------------------------------------------------------------------- training

@@ -232,3 +232,15 @@ def test_two_processes_filling_the_same_cache_entry_both_get_it(mistral, tmp_pat
     encoded = tok.encode_file(mistral, story)
     assert raced and encoded.ids[:].tolist() == mistral.encode(story.read_text())
     assert [p.name for p in (tmp_path / "cache" / "tokens").iterdir()] == [encoded.corpus.path.name]
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
+def test_a_jsonl_file_without_the_text_field_says_how_to_read_another(mistral, tmp_path, monkeypatch, use_cache):
+    """encode_file serves commands without --text-field, by either path: the advice names prepare's flag."""
+    from minifn.corpus import CorpusError
+
+    monkeypatch.setenv("MINIFN_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"body": "no text field here"}\n')
+    with pytest.raises(CorpusError, match=r"docs.jsonl:1 has no text field 'text'; .*minifn prepare --text-field"):
+        tok.encode_file(mistral, path, use_cache=use_cache)

@@ -48,6 +48,7 @@ def tokenize(model, input_path, output, show):
 def round_trip(tok, ids, input_path: str) -> bool:
     """Whether the ids decode back to the input: a text file's whole text, or each document of a JSONL or
     Parquet file (its text fields, which the ids join with EOS; empty ones are left out, as prepare does)."""
+    from minifn.prepare import separator_of
     from minifn.sources import file_format, read_pieces
     from minifn.tokenizer import read_text
 
@@ -57,10 +58,11 @@ def round_trip(tok, ids, input_path: str) -> bool:
     for piece in read_pieces(Path(input_path), piece_bytes=None):
         parts.append(piece.text)
         if piece.last:
-            documents += ["".join(parts)] if any(parts) else []
+            if any(parts):
+                documents.append("".join(parts))
             parts = []
-    flat = ids[:].tolist()
-    cuts = [i for i, t in enumerate(flat) if t == tok.eos_id]
+    flat, separator = ids[:].tolist(), separator_of(tok)
+    cuts = [i for i, t in enumerate(flat) if t == separator]
     return [tok.decode(flat[a + 1 : b]) for a, b in zip([-1, *cuts], [*cuts, len(flat)])] == documents
 
 

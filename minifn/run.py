@@ -128,11 +128,9 @@ def load_data(dc, tok) -> Data:
         corpus, cached = open_corpus(dc.dataset, tok.sha256, vocab_size=tok.vocab_size), True
         train, val = corpus.train, corpus.val
         val_bytes = corpus.manifest.text_bytes("val") if val is not None else None
-        starts_document = corpus.manifest.split["rule"] == "documents"
     else:
         encoded = encode_file(tok, dc.dataset)
         corpus, cached, train, val, val_bytes = encoded.corpus, encoded.cached, encoded.ids, None, None
-        starts_document = False  # --val-fraction cuts the file's tokens, mid-document
         if dc.val_fraction:
             cut = int(len(train) * (1 - dc.val_fraction))
             train, val = train.view(0, cut), train.view(cut)
@@ -142,6 +140,7 @@ def load_data(dc, tok) -> Data:
     if len(train) < 2:
         raise ConfigError(f"dataset {dc.dataset} has {len(train)} token(s); training needs at least 2")
     identity = {"sha256": corpus.manifest.content_sha256, "tokens": corpus.manifest.tokens}
+    starts_document = corpus.manifest.split["rule"] == "documents"  # a file's --val-fraction cuts mid-document
     return Data(train, val, identity, cached, time.perf_counter() - start, val_bytes, starts_document)
 
 

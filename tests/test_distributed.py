@@ -141,3 +141,64 @@ def test_a_bad_flag_under_data_parallel_is_one_line(tmp_path):
     proc = launcher(tmp_path, "--num-epochs", 1, "--lr", "-1")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and err.strip() == "Error: --lr must be positive, got -1.0", err
+
+
+class FakeWorker:
+    """A worker that records what the launcher sends it and ends with a status when told to (-9 once killed)."""
+
+    def __init__(self):
+        self.sent, self.returncode, self.stderr = [], None, None
+
+    def poll(self):
+        return self.returncode
+
+    def send_signal(self, signum):
+        self.sent.append(signum)
+
+    def kill(self):
+        self.sent.append("kill")
+
+
+@pytest.mark.parametrize("to_launcher, status, sent, code", [
+    ([signal.SIGINT], 130, [signal.SIGINT], 130),  # forwarded once; the workers save and stop
+    ([signal.SIGINT, signal.SIGINT], 130, [signal.SIGINT, "kill"], 130),  # a second one ends them at once
+    ([signal.SIGTERM], 0, [signal.SIGTERM], 0),  # it came after the last step: the run finished, status 0
+])
+def test_the_launcher_forwards_one_signal_and_ends_the_workers_on_a_second(monkeypatch, to_launcher, status, sent,
+                                                                            code):
+    from minifn.cli import launch
+
+    workers, signals = [], list(to_launcher)
+
+    def popen(*args, **kwargs):
+        assert kwargs["env"]["MINIFN_LAUNCHER_PID"] == str(os.getpid())  # so they take a Ctrl-C twice as once
+        workers.append(FakeWorker())
+        return workers[-1]
+
+    def sleep(seconds):  # the launcher's wait loop: signals arrive one per turn, then the workers end
+        if signals:
+            os.kill(os.getpid(), signals.pop(0))  # the launcher's handler runs here
+        else:
+            for w in workers:
+                w.returncode = -signal.SIGKILL if "kill" in w.sent else status
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    monkeypatch.setattr(launch.time, "sleep", sleep)
+    monkeypatch.setattr(sys, "argv", ["minifn", "train", "--nproc", "2"])
+    assert launch.launch(2) == code
+    assert [w.sent for w in workers] == [sent, sent]
+
+
+@pytest.mark.slow
+def test_a_rank_killed_by_a_signal_is_named_in_one_line(tmp_path):
+    proc = launcher(tmp_path, "--num-epochs", 100000, "--save-every", 1)
+    deadline = time.time() + 120
+    while time.time() < deadline and not proc.stdout.readline().startswith("[Epoch: 1/"):
+        assert proc.poll() is None, proc.stderr.read()
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    rank0 = next(int(c) for c in children if "\0RANK=0\0" in "\0" + open(f"/proc/{c}/environ").read())
+    os.kill(rank0, signal.SIGKILL)  # as the OOM killer would: it prints nothing
+    out, err = proc.communicate(timeout=150)
+    assert proc.returncode == 137 and err.strip() == "Error: rank 0 was killed by SIGKILL", err
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "l.pt")], capture_output=True, text=True).stdout
+    assert not leftover.strip()

@@ -301,3 +301,20 @@ def test_signal_handlers_and_warnings_are_restored_after_a_run(story, tmp_path):
     assert train(story, tmp_path / "m.pt", "--num-epochs", 1).exit_code == 0
     assert train(story, tmp_path / "m.pt", "--num-epochs", 2).exit_code == 0  # twice in one process
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), warnings.showwarning) == before
+
+
+def test_a_data_parallel_worker_takes_a_ctrl_c_from_the_terminal_and_the_launcher_as_one():
+    """A Ctrl-C reaches a `--nproc` worker twice: from the terminal (its process group) and forwarded by the
+    launcher. The second copy must not end it before it saves; outside the launcher, a second one still does."""
+    script = ("import os, signal\n"
+              "from minifn.cli.signals import stop_on_signals\n"
+              "with stop_on_signals() as stop:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    print(stop.requested())\n")
+    env = {k: v for k, v in os.environ.items() if k != "MINIFN_LAUNCHER_PID"}
+    worker = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**env, "MINIFN_LAUNCHER_PID": str(os.getpid())})
+    assert worker.returncode == 0 and worker.stdout.strip() == "2", worker.stderr
+    alone = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert alone.returncode == -2  # a second Ctrl-C ends a single process at once

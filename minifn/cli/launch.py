@@ -1,6 +1,7 @@
 """`minifn train --nproc N`: run the same command in N processes on this machine (as torchrun would),
-forward SIGINT/SIGTERM to them, wait for their final saves, and exit with their status. A rank that
-fails stops the others; only one error line is printed."""
+forward SIGINT/SIGTERM to them, wait for their final saves, and exit with their status. A second signal
+ends them at once (a Ctrl-C also reaches them from the terminal: the workers count that as the same
+request). A rank that fails stops the others; only one error line is printed."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def launch(nproc: int, settle_s: float = 5.0, grace_s: float = 30.0) -> int:
     procs = []
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "MINIFN_LAUNCHER_PID": str(os.getpid())}
         procs.append(subprocess.Popen([sys.executable, "-m", "minifn", *args], env=env,
                                       stderr=None if rank == 0 else subprocess.PIPE, text=True))
     received = []
@@ -46,7 +48,10 @@ def launch(nproc: int, settle_s: float = 5.0, grace_s: float = 30.0) -> int:
         received.append(signum)
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                if len(received) == 1:
+                    p.send_signal(signum)
+                else:  # a second one: at once
+                    p.kill()
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -69,16 +74,19 @@ def launch(nproc: int, settle_s: float = 5.0, grace_s: float = 30.0) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if received:
-        return 128 + received[0]
     codes = [p.returncode for p in procs]
+    if received and any(codes):  # (a signal that came after the last step leaves a finished run)
+        return 128 + received[0]
     failed = failed if failed is not None else next((r for r, c in enumerate(codes) if c), None)
     if failed is None:
         return 0
     if codes[0] not in (0, 143, -signal.SIGTERM):  # rank 0 failed by itself and printed why
         failed = 0
-    if failed > 0:  # rank 0 printed nothing about it: show the failing rank's own error line
-        lines = (procs[failed].stderr.read() or "").strip().splitlines()
-        click.echo(lines[-1] if lines else f"Error: rank {failed} exited with status {codes[failed]}", err=True)
     code = codes[failed]
+    if code < 0:  # killed by a signal (the OOM killer's SIGKILL): it printed nothing, and the others only
+        # that it went away
+        click.echo(f"Error: rank {failed} was killed by {signal.Signals(-code).name}", err=True)
+    elif failed > 0:  # rank 0 printed nothing about it: show the failing rank's own error line
+        lines = (procs[failed].stderr.read() or "").strip().splitlines()
+        click.echo(lines[-1] if lines else f"Error: rank {failed} exited with status {code}", err=True)
     return code if code > 0 else 128 - code

@@ -3,6 +3,7 @@ the CLI's training twice in one process."""
 
 from __future__ import annotations
 
+import os
 import signal
 import warnings
 from contextlib import contextmanager
@@ -13,15 +14,20 @@ import click
 class StopFlag:
     """SIGINT/SIGTERM set a flag that the loop checks between steps. The first one also hands both signals
     back to the operating system's default, so a second one ends the process at once, even inside a long
-    kernel where no Python handler can run (the checkpoint on disk stays whole: saves are atomic)."""
+    kernel where no Python handler can run (the checkpoint on disk stays whole: saves are atomic).
 
-    def __init__(self):
-        self.signum = None
+    A worker of `minifn train --nproc N` (second_ends=False) keeps the flag: a Ctrl-C reaches it twice, from
+    the terminal and forwarded by the launcher, and that is one request; the launcher ends the workers on a
+    second one."""
+
+    def __init__(self, second_ends: bool = True):
+        self.signum, self.second_ends = None, second_ends
 
     def __call__(self, signum, frame):
-        self.signum = signum
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_DFL)
+        self.signum = self.signum or signum
+        if self.second_ends:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, signal.SIG_DFL)
 
     def requested(self) -> int | None:
         return self.signum
@@ -42,7 +48,7 @@ def exit_cleanly_on_sigterm() -> None:
 
 @contextmanager
 def stop_on_signals():
-    flag = StopFlag()
+    flag = StopFlag(second_ends="MINIFN_LAUNCHER_PID" not in os.environ)  # set by cli.launch for its workers
     previous = {s: signal.signal(s, flag) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag

@@ -102,20 +102,27 @@ def plot_metrics(paths: str | Path | list, output: str | Path = "loss.png") -> P
                 ax.plot([e["step"] for e in val], [e[key] for e in val], marker, ms=3, color=line.get_color(),
                         label=f"{name}{label}")
         if gns[path]:
-            ax_gns.plot([e["step"] for e in gns[path]], [e["gns"] for e in gns[path]], lw=1, label=name or None)
+            ax_gns.plot([e["step"] for e in gns[path]], [e["gns"] for e in gns[path]], lw=1, color=line.get_color(),
+                        label=name.removesuffix(": ") or None)  # the run's colour in the loss panel
     if all(e["loss"] > 0 for ev in runs.values() for e in ev if e["kind"] == "step"):
         ax.set_yscale("log")
     if any(gns.values()):
         ax_gns.set_ylabel("noise scale B_simple\n(tokens, smoothed)")
         ax_gns.grid(True, which="both", alpha=0.3)
+        if len(runs) > 1:
+            ax_gns.legend(fontsize="small")
     (ax_gns if any(gns.values()) else ax).set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per token)")
     fig.suptitle(f"Training loss: {paths[0].name}" if len(paths) == 1 else f"Training loss: {len(paths)} runs")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    epochs = [e for e in next(iter(runs.values())) if e["kind"] == "epoch" and e["epoch"] > 0]
-    if epochs and epochs[-1]["step"] > 0:
-        per_epoch = epochs[-1]["step"] / epochs[-1]["epoch"]
+    per_run = set()  # steps per epoch of each run that finished an epoch: one epoch axis only if they agree
+    for events in runs.values():
+        epochs = [e for e in events if e["kind"] == "epoch" and e["epoch"] > 0 and e["step"] > 0]
+        if epochs:
+            per_run.add(epochs[-1]["step"] / epochs[-1]["epoch"])
+    if len(per_run) == 1:
+        per_epoch = per_run.pop()
         top = ax.secondary_xaxis("top", functions=(lambda s: s / per_epoch, lambda e: e * per_epoch))
         top.set_xlabel("epoch")
     fig.tight_layout()

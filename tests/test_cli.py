@@ -371,3 +371,47 @@ def test_the_command_list_describes_prepare():
     whose dots Click took for the sentence's end ('prepare  Tokenize INPUT...')."""
     line = next(line for line in run("--help").output.splitlines() if line.strip().startswith("prepare"))
     assert "Tokenize text, JSONL and Parquet inputs" in line and "INPUT..." not in line
+
+
+def _metrics_log(path, steps_per_epoch, steps, gns=False):
+    """A run's metrics log written by hand: step events (with a noise scale if gns) and epoch events."""
+    lines = []
+    for step in range(1, steps + 1):
+        lines.append({"kind": "step", "step": step, "loss": 5.0 - 0.1 * step, "run": path.stem,
+                      **({"gns": 100.0 + step} if gns else {})})
+        if step % steps_per_epoch == 0:
+            lines.append({"kind": "epoch", "epoch": step // steps_per_epoch, "step": step, "loss": 5.0 - 0.1 * step,
+                          "run": path.stem})
+    path.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    return path
+
+
+def test_plot_draws_each_runs_noise_scale_in_its_colour_and_epochs_only_where_runs_agree(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    plain = _metrics_log(tmp_path / "a.metrics.jsonl", steps_per_epoch=3, steps=6)
+    noisy = _metrics_log(tmp_path / "b.metrics.jsonl", steps_per_epoch=2, steps=4, gns=True)
+
+    def drawn(*files):
+        run("plot", *files, "-o", tmp_path / "loss.png")
+        loss_ax, *rest = figures[-1].axes
+        train_lines = {ln.get_label().split(":")[0]: ln for ln in loss_ax.get_lines()
+                       if "train loss (step)" in ln.get_label()}
+        return loss_ax, (rest[0] if rest else None), train_lines
+
+    loss_ax, gns_ax, train_lines = drawn(plain, noisy)
+    (gns_line,) = gns_ax.get_lines()
+    assert list(gns_line.get_ydata()) == [101.0, 102.0, 103.0, 104.0]
+    assert gns_line.get_color() == train_lines["b"].get_color() != train_lines["a"].get_color()
+    assert [t.get_text() for t in gns_ax.get_legend().get_texts()] == ["b"]
+    assert not loss_ax.child_axes  # 3 and 2 steps per epoch: no one epoch axis fits both runs
+    loss_ax, _, _ = drawn(plain)
+    assert loss_ax.child_axes  # one run: its epoch axis
+    loss_ax, _, _ = drawn(plain, _metrics_log(tmp_path / "c.metrics.jsonl", steps_per_epoch=3, steps=3))
+    assert loss_ax.child_axes  # a sweep's members share theirs

@@ -377,7 +377,8 @@ def train(config: Config, *, on_event: Callable[[dict], None] = lambda event: No
     path = checkpoint.target(rc.model)
     checkpoint.refuse_to_overwrite(path, {"dataset": dc.dataset, "tokenizer": su.tokenizer_info["path"]})
     with checkpoint.locked(path) if rank == 0 else contextlib.nullcontext():
-        checkpoint.remove_stale_temporaries(path)
+        if rank == 0:  # the lock's holder only: another rank could remove a running save's temporary
+            checkpoint.remove_stale_temporaries(path)
         state = init_state(su.initial_params(rc.seed), su.optimizer, seed=rc.seed, ema=rc.ema)
         progress, applied = None, []
         if path.exists() and path.stat().st_size and not rc.fresh:  # an empty file is a place to write

@@ -121,12 +121,17 @@ def launcher(tmp_path, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
+def wait_for_the_first_epoch(proc, timeout_s: float = 120) -> None:
+    """Read the launcher's output until its first epoch line (the workers are training by then)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not proc.stdout.readline().startswith("[Epoch: 1/"):
+        assert proc.poll() is None, proc.stderr.read()
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_the_workers_after_their_save(tmp_path):
     proc = launcher(tmp_path, "--num-epochs", 100000, "--save-every", 0)
-    deadline = time.time() + 120
-    while time.time() < deadline and not proc.stdout.readline().startswith("[Epoch: 1/"):
-        assert proc.poll() is None, proc.stderr.read()
+    wait_for_the_first_epoch(proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -192,9 +197,7 @@ def test_the_launcher_forwards_one_signal_and_ends_the_workers_on_a_second(monke
 @pytest.mark.slow
 def test_a_rank_killed_by_a_signal_is_named_in_one_line(tmp_path):
     proc = launcher(tmp_path, "--num-epochs", 100000, "--save-every", 1)
-    deadline = time.time() + 120
-    while time.time() < deadline and not proc.stdout.readline().startswith("[Epoch: 1/"):
-        assert proc.poll() is None, proc.stderr.read()
+    wait_for_the_first_epoch(proc)
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     rank0 = next(int(c) for c in children if "\0RANK=0\0" in "\0" + open(f"/proc/{c}/environ").read())
     os.kill(rank0, signal.SIGKILL)  # as the OOM killer would: it prints nothing
